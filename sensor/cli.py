@@ -1,0 +1,270 @@
+"""Command line: argv → config → one of replay, events, rules. The only reader of argv.
+
+Exit codes: 0 ok (findings are not failures), 1 runtime failure, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import __version__
+from .config import SensorConfig, load_config
+from .detect.rules import load_rules
+from .records import Finding
+from .replay import UsageError, run_replay
+from .yamlfile import ConfigError
+
+log = logging.getLogger("registry-sensor")
+MAX_PRINTED_FINDINGS = 200
+
+
+def _fmt_ts(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`--since`: epoch seconds, an ISO-8601 time, or a duration back from now (30m, 2h, 7d)."""
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * units[text[-1]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r}: expected epoch seconds, an ISO time "
+                         f"(2026-12-01T10:00Z) or a duration (30m, 2h, 7d)") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+class ProgressBar:
+    """bytes read, rate and time left, on one terminal line (stderr)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int, elapsed: float) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (total - done) / rate if rate > 0 else 0.0
+        frac = done / total if total else 1.0
+        width = 30
+        bar = "#" * int(frac * width)
+        self.stream.write(f"\r[{bar:<{width}}] {done / 1e6:,.1f}/{total / 1e6:,.1f} MB "
+                          f"{rate / 1e6:,.1f} MB/s {left:,.0f}s left ")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * 79 + "\r")
+            self.stream.flush()
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+def _finding_line(f: Finding) -> str:
+    who = f.username if f.username else "-"
+    count = f" x{f.count}" if f.count > 1 else ""
+    return (f"{_fmt_ts(f.ts)}  {f.severity:<8} {f.rule:<24} {f.src_ip} -> "
+            f"{f.dest_ip}:{f.dest_port}  user={who}  repo={f.repository or '-'}{count}  "
+            f"{f.title}")
+
+
+def cmd_replay(args: argparse.Namespace, config: SensorConfig) -> int:
+    db_path = config.database_path(args.db)
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    summary, findings = run_replay(args.pcap, config, db_path, progress=bar)
+    if bar is not None:
+        bar.clear()
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    out = sys.stdout
+    if findings:
+        out.write(f"findings ({len(findings)}):\n")
+        for f in sorted(findings, key=lambda f: f.ts)[:MAX_PRINTED_FINDINGS]:
+            out.write("  " + _finding_line(f) + "\n")
+        if len(findings) > MAX_PRINTED_FINDINGS:
+            out.write(f"  ... {len(findings) - MAX_PRINTED_FINDINGS} more: "
+                      f"registry-sensor events --db {db_path}\n")
+    else:
+        out.write("findings: none\n")
+    out.write(f"files:        {len(summary['files'])} ({summary['bytes']:,} bytes of packets)\n")
+    out.write(f"packets:      {summary['packets']:,} ({summary['tcp_packets']:,} TCP)\n")
+    skipped = summary["skipped"]
+    if skipped:
+        out.write("skipped:      " + ", ".join(f"{k} {v:,}" for k, v in skipped.items()) + "\n")
+    out.write(f"flows:        {summary['flows']:,}\n")
+    out.write(f"transactions: {summary['transactions']:,}\n")
+    by_rule = summary["findings"]
+    out.write("findings:     " + (", ".join(f"{k} {v}" for k, v in by_rule.items()) or "none")
+              + "\n")
+    anomalies = summary["anomalies"]
+    out.write("anomalies:    " + (", ".join(f"{k} {v}" for k, v in anomalies.items()) or "none")
+              + "\n")
+    out.write(f"database:     {db_path}\n")
+    if summary["interrupted"]:
+        out.write("interrupted:  the replay was stopped; what was read before is recorded\n")
+    return 130 if summary["interrupted"] else 0
+
+
+# -- events -----------------------------------------------------------------------------------
+
+EVENT_TABLE_COLUMNS = ("ts", "severity", "rule", "src_ip", "dest_ip", "dest_port", "username",
+                       "repository", "count", "title")
+
+
+def cmd_events(args: argparse.Namespace, config: SensorConfig) -> int:
+    db_path = config.database_path(args.db)
+    if not db_path.exists():
+        raise UsageError(f"{db_path}: no database (run registry-sensor replay or live first)")
+    where, params = [], []
+    if args.since:
+        where.append("ts >= ?")
+        params.append(parse_since(args.since))
+    if args.rule:
+        where.append("rule IN (%s)" % ",".join("?" * len(args.rule)))
+        params.extend(args.rule)
+    if args.severity:
+        from .records import SEVERITIES, SEVERITY_RANK
+
+        allowed = [s for s in SEVERITIES if SEVERITY_RANK[s] >= SEVERITY_RANK[args.severity]]
+        where.append("severity IN (%s)" % ",".join("?" * len(allowed)))
+        params.extend(allowed)
+    sql = "SELECT * FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY ts, rowid LIMIT ?"
+    params.append(args.limit)
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        rows = [dict(r) for r in conn.execute(sql, params)]
+        conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"{db_path}: cannot read events: {exc}") from None
+    if args.format == "json":
+        for row in rows:
+            row["details"] = json.loads(row["details"]) if row.get("details") else {}
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    table = [[_fmt_ts(r["ts"]) if c == "ts" else ("" if r.get(c) is None else str(r[c]))
+              for c in EVENT_TABLE_COLUMNS] for r in rows]
+    _print_table(EVENT_TABLE_COLUMNS, table)
+    return 0
+
+
+def _print_table(headers: Sequence[str], rows: list[list[str]]) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    widths[-1] = len(headers[-1])  # the last column is not padded
+    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
+    sys.stdout.write(line.rstrip() + "\n")
+    for row in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                         + "\n")
+    if not rows:
+        sys.stdout.write("(no events)\n")
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+def cmd_rules(args: argparse.Namespace, config: SensorConfig) -> int:
+    paths = [Path(p) for p in args.paths] if getattr(args, "paths", None) else config.rule_paths
+    rules = load_rules(paths, config.networks, config.rule_overrides)
+    if args.rules_command == "check":
+        sys.stdout.write(f"ok: {len(rules)} rules in {', '.join(str(p) for p in paths)}\n")
+        return 0
+    rows = [[r.id, r.severity, "enabled" if r.enabled else "disabled", r.source, r.title]
+            for r in rules]
+    _print_table(("id", "severity", "status", "source", "title"), rows)
+    return 0
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="registry-sensor",
+        description="Passive monitor for Docker Registry traffic: replay captures, record "
+                    "registry API transactions and findings in SQLite.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    replay = sub.add_parser("replay", help="replay pcap/pcapng files")
+    replay.add_argument("pcap", nargs="+", metavar="PCAP", help="capture files, read in order")
+    replay.add_argument("--db", help="SQLite database (default: under the state directory)")
+    replay.add_argument("--config", help="YAML configuration file")
+    replay.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    events = sub.add_parser("events", help="show recorded findings")
+    events.add_argument("--db", help="SQLite database (default: under the state directory)")
+    events.add_argument("--config", help="YAML configuration file")
+    events.add_argument("--since", help="epoch seconds, ISO time, or a duration back (2h, 7d)")
+    events.add_argument("--rule", action="append", help="only this rule id (repeatable)")
+    events.add_argument("--severity", choices=("info", "low", "medium", "high", "critical"),
+                        help="only this severity and above")
+    events.add_argument("--format", choices=("table", "json"), default="table")
+    events.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
+
+    rules = sub.add_parser("rules", help="check or list detection rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    check = rules_sub.add_parser("check", help="validate rule files")
+    check.add_argument("paths", nargs="*", metavar="PATH", help="rule files or directories")
+    check.add_argument("--config", help="YAML configuration file")
+    listing = rules_sub.add_parser("list", help="show the rules that are loaded")
+    listing.add_argument("--config", help="YAML configuration file")
+    return parser
+
+
+COMMANDS = {"replay": cmd_replay, "events": cmd_events, "rules": cmd_rules}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="registry-sensor: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(getattr(args, "config", None))
+        return COMMANDS[args.command](args, config)
+    except (ConfigError, UsageError) as exc:
+        sys.stderr.write(f"registry-sensor: error: {exc}\n")
+        return 2
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:
+        sys.stderr.write(f"registry-sensor: error: {exc.strerror or exc}"
+                         f"{': ' + str(exc.filename) if exc.filename else ''}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rules: loading, compiled predicates, thresholds, suppression."""

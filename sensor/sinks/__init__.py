@@ -1,0 +1,1 @@
+"""I/O edge: where records go: SQLite, alerts, JSON lines."""
