@@ -147,13 +147,13 @@ def cmd_events(args: argparse.Namespace, config: SensorConfig) -> int:
         where.append("ts >= ?")
         params.append(parse_since(args.since))
     if args.rule:
-        where.append("rule IN (%s)" % ",".join("?" * len(args.rule)))
+        where.append(f"rule IN ({','.join('?' * len(args.rule))})")
         params.extend(args.rule)
     if args.severity:
         from .records import SEVERITIES, SEVERITY_RANK
 
         allowed = [s for s in SEVERITIES if SEVERITY_RANK[s] >= SEVERITY_RANK[args.severity]]
-        where.append("severity IN (%s)" % ",".join("?" * len(allowed)))
+        where.append(f"severity IN ({','.join('?' * len(allowed))})")
         params.extend(allowed)
     sql = "SELECT * FROM events"
     if where:

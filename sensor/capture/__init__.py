@@ -1,0 +1,1 @@
+"""I/O edge: where packets come from: capture files and live sockets."""
