@@ -323,18 +323,31 @@ def compile_rule(node: Any, path: str, networks: Mapping[str, tuple[Network, ...
         source=f"{path}:{line_of(node)}", definition=node)
 
 
-def merge_override(node: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """A rule definition with an operator's override applied (mappings merged one level)."""
-    merged = type(node)(node) if isinstance(node, dict) else dict(node)
-    if hasattr(node, "line"):
-        merged.line = node.line  # type: ignore[attr-defined]
+def _merged(base: Any, changes: Mapping[str, Any]) -> Any:
+    """A copy of mapping `base` with `changes` applied, keeping its line number."""
+    merged = type(base)(base) if isinstance(base, dict) else dict(base)
+    if hasattr(base, "line"):
+        merged.line = base.line
+    merged.update(changes)
+    return merged
+
+
+def merge_override(node: Mapping[str, Any], override: Mapping[str, Any]) -> Any:
+    """A rule definition with an operator's override applied.
+
+    Mappings (threshold, suppress) are merged one level deep; a threshold override applies to
+    every trigger of a rule that has several.
+    """
+    merged = _merged(node, {})
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            inner = type(merged[key])(merged[key])
-            if hasattr(merged[key], "line"):
-                inner.line = merged[key].line
-            inner.update(value)
-            merged[key] = inner
+        if key == "threshold" and isinstance(merged.get("triggers"), list) and isinstance(
+                value, dict):
+            merged["triggers"] = [
+                _merged(t, {"threshold": _merged(t["threshold"], value)})
+                if isinstance(t, dict) and isinstance(t.get("threshold"), dict) else t
+                for t in merged["triggers"]]
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
         else:
             merged[key] = value
     return merged
