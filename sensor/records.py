@@ -113,6 +113,7 @@ class Transaction:
     response_ts: float | None = None
     content_type: str | None = None
     location: str | None = None
+    api_version: str | None = None  # Docker-Distribution-API-Version: the server is a registry
     tls_sni: str | None = None
     tls_version: str | None = None
 

@@ -148,10 +148,11 @@ class Conversation:
 
     def _emit(self, ex: _Exchange, partial: bool) -> None:
         req, resp = ex.request, ex.response
-        content_type = location = None
+        content_type = location = api_version = None
         if resp is not None:
             content_type = header_value(resp.headers, "content-type")
             location = header_value(resp.headers, "location")
+            api_version = header_value(resp.headers, "docker-distribution-api-version")
         method = req.method if req is not None else None
         uri = req.uri if req is not None else None
         self.out.transaction(Transaction(
@@ -171,4 +172,5 @@ class Conversation:
             response_ts=resp.ts if resp is not None else None,
             content_type=content_type,
             location=location,
+            api_version=api_version,
         ))

@@ -22,11 +22,13 @@ MAX_DISTINCT_SAMPLE = 20
 class _Window:
     """Matches of one threshold group within its window."""
 
-    __slots__ = ("times", "values")
+    __slots__ = ("times", "values", "amounts", "total")
 
     def __init__(self) -> None:
         self.times: deque[float] = deque()
         self.values: dict[Any, float] = {}  # distinct value → last seen
+        self.amounts: deque[tuple[float, float]] = deque()  # (ts, amount) for sums
+        self.total = 0.0
 
 
 class _Quiet:
@@ -65,6 +67,8 @@ class Detector:
         """The findings one transaction raises (often none)."""
         findings: list[Finding] = []
         for rule in self.rules:
+            if rule.exception is not None and rule.exception(txn):
+                continue
             for index, trigger in enumerate(rule.triggers):
                 if not trigger.predicate(txn):
                     continue
@@ -108,6 +112,21 @@ class Detector:
         groups[key] = window  # re-inserted: the dict stays in least-recently-used order
         now = txn.ts
         start = now - th.window
+        if th.sum is not None:
+            amount = FIELDS[th.sum](txn) or 0
+            amounts = window.amounts
+            amounts.append((now, amount))
+            window.total += amount
+            while amounts and amounts[0][0] <= start:
+                window.total -= amounts.popleft()[1]
+            if window.total < th.total:
+                return None
+            reached = {"threshold_sum": th.sum, "threshold_total": th.total,
+                       "window": th.window, "sum": window.total,
+                       "matched": len(amounts), "first_seen": amounts[0][0]}
+            amounts.clear()
+            window.total = 0.0
+            return reached
         if th.distinct is None:
             times = window.times
             times.append(now)

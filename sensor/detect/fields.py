@@ -47,9 +47,14 @@ FIELDS: dict[str, Callable[[Transaction], Any]] = {
     "response_body_bytes": lambda t: t.response_body_bytes,
     "partial": lambda t: t.partial,
     "content_type": lambda t: t.content_type,
+    "api_version": lambda t: t.api_version,
     "tls_sni": lambda t: t.tls_sni,
     "tls_version": lambda t: t.tls_version,
 }
+
+# Fields that hold numbers: the ones a `sum` threshold and gt/lt comparisons make sense on.
+NUMERIC_FIELDS = frozenset(("ts", "src_port", "dest_port", "flow_id", "status", "page_size",
+                            "request_body_bytes", "response_body_bytes"))
 
 # What a finding's details carry from the transaction that triggered it.
 DETAIL_FIELDS = ("method", "uri", "status", "user_agent", "host", "operation", "reference",

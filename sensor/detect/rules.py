@@ -5,7 +5,9 @@ A rule file holds `rules:`, a list of rules. A rule:
     id, title, severity, description, tags, enabled
     match:      conditions on transaction fields (see FIELDS); a mapping means "all of"
     threshold:  {count, window, by: [fields], distinct: field}     (optional)
+                or {sum: field, total, window, by: [fields]}
     suppress:   {period, by: [fields]}                             (optional)
+    except:     {networks: [set or CIDR], usernames: [...], user_agents: [regex]}  (optional)
     triggers:   [{match, threshold}, ...]  instead of match/threshold, when a rule has several
 
 Conditions: `field: value` (equals), or `field: {op: arg}` with op one of eq, ne, in, not_in,
@@ -25,22 +27,28 @@ from typing import Any
 
 from ..records import SEVERITIES, Transaction
 from ..yamlfile import ConfigError, line_of, load_yaml
-from .fields import FIELDS
+from .fields import FIELDS, NUMERIC_FIELDS
 
 Predicate = Callable[[Transaction], bool]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 RULE_KEYS = frozenset(("id", "title", "severity", "description", "tags", "enabled", "match",
-                       "threshold", "suppress", "triggers"))
+                       "threshold", "suppress", "triggers", "except"))
+EXCEPT_KEYS = frozenset(("networks", "usernames", "user_agents"))
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
 @dataclass(frozen=True, slots=True)
 class Threshold:
+    """Fire on the count-th match (or distinct value), or when a field's sum reaches total."""
+
     count: int
     window: float
     by: tuple[str, ...] = ()
     distinct: str | None = None
+    sum: str | None = None
+    total: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,7 @@ class Rule:
     tags: tuple[str, ...] = ()
     enabled: bool = True
     suppress: Suppress | None = None
+    exception: Predicate | None = None  # transactions that never trigger the rule
     source: str = ""  # file:line
     definition: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
@@ -143,15 +152,20 @@ def _compile_op(ctx: _Context, node: Any, name: str, op: str, arg: Any) -> Predi
         if op == "in":
             return lambda t: get(t) in values
         return lambda t: get(t) not in values
-    if op == "regex":
-        try:
-            pattern = re.compile(str(arg))
-        except re.error as exc:
-            raise ctx.error(node, f"{name}: bad regex {arg!r}: {exc}") from None
+    if op == "regex":  # one pattern, or a list of alternatives (each with its own flags)
+        patterns = []
+        for source in arg if isinstance(arg, list) else [arg]:
+            try:
+                patterns.append(re.compile(str(source)))
+            except re.error as exc:
+                raise ctx.error(node, f"{name}: bad regex {str(source)[:60]!r}: {exc}") from None
 
         def matches(t: Transaction) -> bool:
             value = get(t)
-            return value is not None and pattern.search(str(value)) is not None
+            if value is None:
+                return False
+            text = str(value)
+            return any(p.search(text) is not None for p in patterns)
 
         return matches
     if op in ("gt", "gte", "lt", "lte"):
@@ -247,19 +261,77 @@ def _positive(ctx: _Context, node: Any, what: str, value: Any, integer: bool = F
 def _compile_threshold(ctx: _Context, node: Any) -> Threshold:
     if not isinstance(node, dict):
         raise ctx.error(node, "threshold must be a mapping")
-    unknown = set(node) - {"count", "window", "by", "distinct"}
+    unknown = set(node) - {"count", "window", "by", "distinct", "sum", "total"}
     if unknown:
         raise ctx.error(node, f"threshold: unknown key {sorted(unknown)[0]!r}")
-    for required in ("count", "window"):
+    summed = node.get("sum")
+    needed = ("sum", "total", "window") if summed is not None else ("count", "window")
+    for required in needed:
         if required not in node:
             raise ctx.error(node, f"threshold needs {required!r}")
+    if summed is not None:
+        if summed not in NUMERIC_FIELDS:
+            raise ctx.error(node, f"threshold: sum: {summed!r} is not a numeric field "
+                                  f"(numeric: {', '.join(sorted(NUMERIC_FIELDS))})")
+        if "count" in node or "distinct" in node:
+            raise ctx.error(node, "threshold: sum goes with total, not with count or distinct")
     distinct = node.get("distinct")
     if distinct is not None and distinct not in FIELDS:
         raise ctx.error(node, f"threshold: distinct: unknown field {distinct!r}")
-    return Threshold(count=_positive(ctx, node, "threshold.count", node["count"], integer=True),
-                     window=float(_positive(ctx, node, "threshold.window", node["window"])),
-                     by=_fields_list(ctx, node, "threshold.by", node.get("by")),
-                     distinct=distinct)
+    return Threshold(
+        count=_positive(ctx, node, "threshold.count", node["count"], integer=True)
+        if summed is None else 0,
+        window=float(_positive(ctx, node, "threshold.window", node["window"])),
+        by=_fields_list(ctx, node, "threshold.by", node.get("by")),
+        distinct=distinct, sum=summed,
+        total=float(_positive(ctx, node, "threshold.total", node["total"]))
+        if summed is not None else 0.0)
+
+
+def _compile_exception(ctx: _Context, node: Any) -> Predicate:
+    """`except:` → a predicate true for the transactions the rule must ignore."""
+    if not isinstance(node, dict) or not node:
+        raise ctx.error(node, "except must be a mapping of networks, usernames, user_agents")
+    unknown = set(node) - EXCEPT_KEYS
+    if unknown:
+        raise ctx.error(node, f"except: unknown key {sorted(unknown)[0]!r} "
+                              f"(known: {', '.join(sorted(EXCEPT_KEYS))})")
+    parts: list[Predicate] = []
+    for key, value in node.items():
+        if not isinstance(value, list) or not value:
+            raise ctx.error(node, f"except.{key} must be a non-empty list")
+    if "networks" in node:
+        nets: list[Network] = []
+        for item in node["networks"]:
+            if isinstance(item, str) and item in ctx.networks:
+                nets.extend(ctx.networks[item])
+                continue
+            try:
+                nets.append(ipaddress.ip_network(str(item), strict=False))
+            except ValueError:
+                raise ctx.error(node, f"except.networks: {item!r} is neither a network set "
+                                      f"nor a CIDR") from None
+        member = _net_member(tuple(nets))
+        parts.append(lambda t: member(t.flow.key.src_ip))
+    if "usernames" in node:
+        names = frozenset(str(u) for u in node["usernames"])
+        parts.append(lambda t: t.credential.username in names)
+    if "user_agents" in node:
+        try:
+            agents = re.compile("|".join(f"(?:{p})" for p in node["user_agents"]))
+        except re.error as exc:
+            raise ctx.error(node, f"except.user_agents: bad regex: {exc}") from None
+        parts.append(lambda t: t.user_agent is not None and agents.search(t.user_agent)
+                     is not None)
+    if len(parts) == 1:
+        return parts[0]
+    return lambda t: any(p(t) for p in parts)
+
+
+def _check_title(ctx: _Context, node: Any, title: str) -> None:
+    for name in _PLACEHOLDER.findall(title):
+        if name not in FIELDS:
+            raise ctx.error(node, f"title: unknown field {{{name}}}")
 
 
 def _compile_suppress(ctx: _Context, node: Any) -> Suppress:
@@ -288,6 +360,7 @@ def compile_rule(node: Any, path: str, networks: Mapping[str, tuple[Network, ...
     for required in ("title", "severity", "description"):
         if not isinstance(node.get(required), str) or not node[required].strip():
             raise ctx.error(node, f"{required} is required (text)")
+    _check_title(ctx, node, node["title"])
     severity = node["severity"]
     if severity not in SEVERITIES:
         raise ctx.error(node, f"severity {severity!r} is not one of {', '.join(SEVERITIES)}")
@@ -320,6 +393,7 @@ def compile_rule(node: Any, path: str, networks: Mapping[str, tuple[Network, ...
         description=" ".join(node["description"].split()), triggers=tuple(triggers),
         tags=tuple(tags), enabled=enabled,
         suppress=_compile_suppress(ctx, node["suppress"]) if "suppress" in node else None,
+        exception=_compile_exception(ctx, node["except"]) if "except" in node else None,
         source=f"{path}:{line_of(node)}", definition=node)
 
 

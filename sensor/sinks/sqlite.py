@@ -23,7 +23,7 @@ TRANSACTION_COLUMNS: dict[str, type] = {
     "response_body_bytes": int, "partial": int,
     # beyond the interface
     "action": str, "credential_fingerprint": str, "mount_from": str, "content_type": str,
-    "response_ts": float, "tls_sni": str, "tls_version": str,
+    "response_ts": float, "tls_sni": str, "tls_version": str, "api_version": str,
 }
 EVENT_COLUMNS: dict[str, type] = {
     "ts": float, "rule": str, "severity": str, "title": str, "src_ip": str, "dest_ip": str,
@@ -53,6 +53,7 @@ def transaction_row(t: Transaction) -> dict[str, Any]:
         "credential_fingerprint": t.credential.fingerprint,
         "mount_from": op.mount_from if op else None, "content_type": t.content_type,
         "response_ts": t.response_ts, "tls_sni": t.tls_sni, "tls_version": t.tls_version,
+        "api_version": t.api_version,
     }
 
 
