@@ -14,6 +14,7 @@ from typing import Any
 
 from .detect.rules import Network, parse_networks
 from .engine import EngineSettings
+from .sinks.alert_config import AlertsConfig, AlertTarget, parse_alerts  # noqa: F401
 from .state import default_state_dir
 from .yamlfile import ConfigError, line_of, load_yaml
 
@@ -25,11 +26,81 @@ DEFAULT_INTERNAL = (
     "fc00::/7",  # IPv6 unique local
 )
 
-TOP_KEYS = frozenset(("ports", "database", "key_file", "networks", "rules", "reassembly"))
+TOP_KEYS = frozenset(("ports", "database", "key_file", "networks", "rules", "reassembly",
+                      "alerts", "live"))
 REASSEMBLY_KEYS = {
     "idle_timeout": float, "max_held_per_flow": int, "max_held_total": int,
     "max_header_bytes": int, "max_pending_requests": int,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConfig:
+    """The `live:` section: how `registry-sensor live` captures and keeps house."""
+
+    interfaces: tuple[str, ...] = ()  # capture interfaces (span ports); --interface overrides
+    promiscuous: bool = True  # PACKET_ADD_MEMBERSHIP promiscuous mode, for span ports
+    capture: str = "ring"  # ring (TPACKET_V3 mmap) or recv (one recv per frame)
+    buffer_size: int = 64 << 20  # ring size or socket receive buffer, per interface, bytes
+    snaplen: int = 262144  # bytes kept of each frame (GRO frames reach 64 KiB)
+    stats_interval: float = 10.0  # seconds between kernel-statistics reads (stats table)
+    flush_interval: float = 1.0  # seconds between SQLite commits
+    user: str = "registry-sensor"  # started as root: drop to this user once sockets are open
+    watchdog: bool = True  # answer systemd's WatchdogSec= with WATCHDOG=1 pings
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_live(path: str, node: Any) -> LiveConfig:
+    """The `live:` mapping → LiveConfig; every error one line naming the key."""
+    if node is None:
+        return LiveConfig()
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: live: must be a mapping")
+    known = set(LiveConfig.__slots__)
+    args: dict[str, Any] = {}
+    for key, value in node.items():
+        where = f"live.{key}"
+        if key not in known:
+            raise _error(path, node, where, f"unknown key (known: {', '.join(sorted(known))})")
+        if key == "interfaces":
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(i, str) and 0 < len(i) < 16 and "/" not in i for i in items):
+                raise _error(path, node, where, "must be a list of interface names")
+            args[key] = tuple(items)
+        elif key in ("promiscuous", "watchdog"):
+            if not isinstance(value, bool):
+                raise _error(path, node, where, "must be true or false")
+            args[key] = value
+        elif key == "capture":
+            if value not in ("ring", "recv"):
+                raise _error(path, node, where, f"{value!r} must be ring or recv")
+            args[key] = value
+        elif key in ("buffer_size", "snaplen"):
+            size = value
+            if isinstance(value, str):
+                text = value.strip().lower().replace(" ", "")
+                digits = text.rstrip("kmgib")
+                unit = _SIZE_UNITS.get(text[len(digits):])
+                size = int(digits) * unit if digits.isdigit() and unit else None
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise _error(path, node, where, f"{value!r} is not a size (65536, 64MiB)")
+            low, high = (1 << 16, 1 << 34) if key == "buffer_size" else (1514, 1 << 18)
+            if not low <= size <= high:
+                raise _error(path, node, where, f"{value!r} must be between {low} and {high}")
+            args[key] = size
+        elif key in ("stats_interval", "flush_interval"):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0.05 <= value <= 86400):
+                raise _error(path, node, where, f"{value!r} must be seconds (0.05 to 86400)")
+            args[key] = float(value)
+        elif key == "user":
+            if not isinstance(value, str) or not value or ":" in value:
+                raise _error(path, node, where, "must be a user name")
+            args[key] = value
+    return LiveConfig(**args)
 
 
 def builtin_rules_dir() -> Path:
@@ -46,6 +117,8 @@ class SensorConfig:
     networks: dict[str, tuple[Network, ...]] = field(default_factory=dict)
     rule_paths: tuple[Path, ...] = ()
     rule_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)  # apprise targets, noise control
+    live: LiveConfig = field(default_factory=LiveConfig)  # capture, privileges, housekeeping
 
     def database_path(self, override: str | None = None) -> Path:
         if override:
@@ -57,7 +130,9 @@ class SensorConfig:
 
 
 def _error(path: str, node: Any, key: str, what: str) -> ConfigError:
-    line = line_of(node)
+    """One line naming the file, the line of `key` (dotted; its last part is looked up in
+    `node`, the mapping that holds it) and what is wrong."""
+    line = line_of(node, key=key.rsplit(".", 1)[-1])
     return ConfigError(f"{path}:{line}: {key}: {what}" if line else f"{path}: {key}: {what}")
 
 
@@ -142,4 +217,5 @@ def load_config(path: str | Path | None) -> SensorConfig:
     return SensorConfig(
         source=spath, engine=EngineSettings(**engine_args), database=opt_path("database"),
         key_file=opt_path("key_file"), networks=networks, rule_paths=tuple(rule_paths),
-        rule_overrides=dict(overrides))
+        rule_overrides=dict(overrides), alerts=parse_alerts(spath, data.get("alerts"), base),
+        live=parse_live(spath, data.get("live")))

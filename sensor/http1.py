@@ -33,6 +33,7 @@ _RESPONSE_START = re.compile(rb"HTTP/1\.[01] ")
 _RESPONSE_START_AFTER_NL = re.compile(rb"\nHTTP/1\.[01] ")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TLS_HANDSHAKE = 0x16
+_RESYNC_CARRY = 15  # bytes kept while resynchronising: more than "\nOPTIONS /" needs
 
 
 def header_value(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
@@ -97,7 +98,7 @@ class MessageParser:
             elif state in (CHUNK_SIZE, CHUNK_CRLF, TRAILERS):
                 off = self._feed_chunk_line(buf, off, end, ts)
             elif state == RESYNC:
-                off = self._resync(buf, off, end)
+                off = self._resync(buf, off, end, ts)
             else:  # OPAQUE, CLOSED
                 if state == OPAQUE:
                     self._opaque(buf, off, end, ts)
@@ -128,6 +129,7 @@ class MessageParser:
         if state not in (HEAD, RESYNC):
             self._end_message(ts, complete=False)
         self.hbuf.clear()
+        self.hbuf += b"\n"  # the end of a gap may be a message start, like a line start
         self._head_scan = 0
         self.state = RESYNC
 
@@ -178,42 +180,65 @@ class MessageParser:
                 self.state = RESYNC
                 return end
             if not self._plausible_start(hbuf):
-                return self._not_http(ts, end)
+                return self._not_http(ts, end, bytes(hbuf))
             self._head_scan = max(0, len(hbuf) - 3)
             return end
         consumed = cut + term - start  # bytes of this segment that belong to the head
         head = bytes(hbuf[:cut])
+        if not self._plausible_start(head):
+            return self._not_http(ts, off + consumed, bytes(hbuf[:cut + term]))
         hbuf.clear()
         self._head_scan = 0
-        if not self._plausible_start(head):
-            return self._not_http(ts, off + consumed)
         self._on_head(head, ts)
         return off + consumed
 
-    def _not_http(self, ts: float, off: int) -> int:
+    def _not_http(self, ts: float, off: int, scanned: bytes) -> int:
+        """`scanned` (the bytes taken for a head, up to `off`) is not HTTP: resync within it."""
         self.sink.anomaly("not-http", "bytes that are not an HTTP/1.x message; resynchronising",
                           ts)
         self.hbuf.clear()
         self._head_scan = 0
         self.state = RESYNC
+        after_nl = _REQUEST_START_AFTER_NL if self.is_request else _RESPONSE_START_AFTER_NL
+        m = after_nl.search(scanned, 1)
+        if m is None:
+            self.hbuf += scanned[-_RESYNC_CARRY:]  # a message start may straddle segments
+        else:  # a message starts inside what was scanned: parse from there
+            self.state = HEAD
+            self.feed(scanned, m.start() + 1, len(scanned), ts)
         return off
 
     def _plausible_start(self, data: bytes | bytearray) -> bool:
-        if len(data) < 8:
-            return True  # not enough to judge yet
+        if len(data) < 9:
+            return True  # not enough to judge yet ("OPTIONS /" and "HTTP/1.1 " are 9 bytes)
         if self.is_request:
             return _REQUEST_START.match(data) is not None
         return _RESPONSE_START.match(data) is not None
 
-    def _resync(self, buf: bytes, off: int, end: int) -> int:
+    def _resync(self, buf: bytes, off: int, end: int, ts: float) -> int:
         start_at, after_nl = ((_REQUEST_START, _REQUEST_START_AFTER_NL) if self.is_request
                               else (_RESPONSE_START, _RESPONSE_START_AFTER_NL))
+        # hbuf carries the last bytes scanned before this segment: a message start may
+        # straddle segments ("\r\nGE" | "T /v2/ ...").
+        carry = self.hbuf
+        if carry:
+            m = after_nl.search(bytes(carry) + bytes(buf[off:off + _RESYNC_CARRY]))
+            if m is not None and m.start() + 1 < len(carry):
+                del carry[:m.start() + 1]  # the message's first bytes start the head
+                self.ts0 = ts
+                self._head_scan = 0
+                self.state = HEAD
+                return off
         if start_at.match(buf, off, end):
+            carry.clear()
             self.state = HEAD
             return off
         m = after_nl.search(buf, off, end)
         if m is None:
+            carry += buf[max(off, end - _RESYNC_CARRY):end]
+            del carry[:-_RESYNC_CARRY]
             return end
+        carry.clear()
         self.state = HEAD
         return m.start() + 1
 
@@ -235,7 +260,8 @@ class MessageParser:
                 continue
             name, sep, value = line.partition(":")
             if not sep or not name or name != name.strip():
-                problems.append(f"malformed header line {line[:40]!r}")
+                # The line may be a credential written wrong: name its size, never its text.
+                problems.append(f"malformed header line ({len(line)} bytes)")
                 continue
             headers.append([name.lower(), value.strip()])
         return start_line, tuple((n, v) for n, v in headers), problems
@@ -349,7 +375,8 @@ class RequestParser(MessageParser):
             sink.anomaly("malformed-header", problem, ts)
         parts = start_line.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            sink.anomaly("bad-request-line", f"request line {start_line[:80]!r}", ts)
+            sink.anomaly("bad-request-line",
+                         f"request line {redact_uri(start_line)[:80]!r}", ts)
             if len(parts) < 2:
                 self.state = RESYNC
                 return

@@ -1,7 +1,7 @@
 """YAML loading that remembers where things were, so errors can name file and line.
 
-Mappings load as `Located` dicts and sequences as `LocatedList`, each with the 1-based line
-it started on. Anything that cannot be read becomes one ConfigError line.
+Mappings load as `Located` dicts (with the line each key is on) and sequences as
+`LocatedList`, each with the 1-based line it started on. Anything that cannot be read becomes one ConfigError line.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class ConfigError(Exception):
 
 class Located(dict):
     line = 0
+    key_lines: dict[Any, int] = {}
 
 
 class LocatedList(list):
@@ -32,12 +33,14 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> Located:
     loader.flatten_mapping(node)
     result = Located()
     result.line = node.start_mark.line + 1
+    result.key_lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in result:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
         result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = key_node.start_mark.line + 1
     return result
 
 
@@ -69,5 +72,10 @@ def load_yaml(path: str | Path, text: str | None = None) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
 
 
-def line_of(node: Any, default: int = 0) -> int:
+def line_of(node: Any, default: int = 0, key: Any = None) -> int:
+    """The line of a loaded mapping or list, or of one key of a mapping when `key` is given."""
+    if key is not None:
+        found = getattr(node, "key_lines", {}).get(key)
+        if found:
+            return found
     return getattr(node, "line", default)
