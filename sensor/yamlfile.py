@@ -1,7 +1,8 @@
 """YAML loading that remembers where things were, so errors can name file and line.
 
 Mappings load as `Located` dicts (with the line each key is on) and sequences as
-`LocatedList`, each with the 1-based line it started on. Anything that cannot be read becomes one ConfigError line.
+`LocatedList`, each with the 1-based line it started on. Anything that cannot be read becomes
+one ConfigError line.
 """
 
 from __future__ import annotations
