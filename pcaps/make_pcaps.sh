@@ -6,6 +6,8 @@
 #
 #   pcaps/make_pcaps.sh                 # make every capture
 #   pcaps/make_pcaps.sh tls-registry    # make only the named ones (names as in the list below)
+#   pcaps/make_pcaps.sh rule-pack       # make only the rule-pack captures (the second list below);
+#                                       # `core` names the first six
 #   KEEP_WORK=1 pcaps/make_pcaps.sh      # keep the temp dir: registry logs (one line per request),
 #                                        # configs, and curl's TLS key log for tls-registry
 #
@@ -22,6 +24,17 @@
 #   external-client            registry 192.0.2.10 and client 203.0.113.50 in two netns over a veth pair
 #   tls-registry               TLS registry (self-signed, registry.test); curl -k + skopeo inspect/pull
 #
+# Rule-pack captures (one or two rules each; see MANIFEST.md for what each rule must find):
+#   bearer-token-push          token auth (JWT minted here, RS256 + x5c); skopeo push + curl pull with Bearer
+#   auth-bruteforce            htpasswd auth; curl -u alice:<wrong-N> 20 times (12 on /v2/, 8 on a manifest)
+#   credential-spraying        htpasswd auth; curl with 6 usernames and one password on /v2/
+#   registry-delete            htpasswd auth; DELETE manifest + blobs on 127.0.0.1 (delete enabled: 202)
+#                              and on 127.0.0.2 (delete disabled: 405)
+#   blob-mount                 htpasswd auth; curl POST ?mount=&from= (201); skopeo pulls team/base, then
+#                              pushes it as team/copy with a warm blob-info cache: it mounts the layer
+#   scanner-user-agents        no auth; curl as zgrab and as python-requests on /v2/ and /v2/_catalog
+#   bulk-pull                  no auth, 4 repos pushed before the capture; skopeo pulls all four
+#
 # The images pushed are built by hand as tiny OCI layouts (one gzip layer of a few hundred bytes).
 # skopeo runs in a private mount namespace with an empty tmpfs over its blob-info cache, an empty
 # auth/registries configuration and its own /etc/hosts, so every run sends the same requests and
@@ -36,12 +49,22 @@ export PATH=$SAFE_PATH:$PATH
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
 unset REGISTRY_AUTH_FILE DOCKER_CONFIG CONTAINERS_REGISTRIES_CONF SSLKEYLOGFILE
 
-ALL_SCENARIOS=(anonymous-push-pull basic-auth-push anonymous-push-rejected
-               catalog-tags-enumeration external-client tls-registry)
+CORE_SCENARIOS=(anonymous-push-pull basic-auth-push anonymous-push-rejected
+                catalog-tags-enumeration external-client tls-registry)
+RULE_PACK_SCENARIOS=(bearer-token-push auth-bruteforce credential-spraying registry-delete
+                     blob-mount scanner-user-agents bulk-pull)
+ALL_SCENARIOS=("${CORE_SCENARIOS[@]}" "${RULE_PACK_SCENARIOS[@]}")
 
 PASSWORD='S3cret-Pa55word!'          # the known test password (tests check it never leaks)
 WRONG_PASSWORD='wrong-password-1'
 ENUM_UA='python-requests/2.31.0'
+ZGRAB_UA='Mozilla/5.0 zgrab/0.x'
+SPRAY_PASSWORD='Winter2026!'          # one password tried against many usernames
+SPRAY_USERS=(admin root deploy ci backup registry)
+TOKEN_SUB=deploy-bot                  # the JWT's sub claim (the token server's user name)
+TOKEN_SERVICE=registry-sensor         # auth.token.service = the JWT's aud
+TOKEN_ISSUER=registry-sensor-sample-token-issuer
+REG2_IP=127.0.0.2                     # registry-delete: the second registry (deletes disabled)
 
 NS_REG=rsensor-reg                    # network namespaces for external-client
 NS_CLI=rsensor-cli
@@ -66,15 +89,23 @@ if ((${#missing[@]})); then
     die "install the missing package(s) with apt-get first; this script does not install anything"
 fi
 
-SCENARIOS=("$@")
+SCENARIOS=()
+for s in "$@"; do
+    case $s in
+        core) SCENARIOS+=("${CORE_SCENARIOS[@]}") ;;
+        rule-pack) SCENARIOS+=("${RULE_PACK_SCENARIOS[@]}") ;;
+        *) SCENARIOS+=("$s") ;;
+    esac
+done
 ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
 for s in "${SCENARIOS[@]}"; do
-    [[ " ${ALL_SCENARIOS[*]} " == *" $s "* ]] || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]})"
+    [[ " ${ALL_SCENARIOS[*]} " == *" $s "* ]] || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]}; groups: core, rule-pack)"
 done
 
 # ---------------------------------------------------------------- cleanup
 WORK=$(mktemp -d /tmp/make-pcaps.XXXXXX)
 REG_PID=
+REG2_PID=
 TCPDUMP_PID=
 
 stop_tcpdump() {
@@ -89,6 +120,11 @@ stop_registry() {
         kill -TERM "$REG_PID" 2>/dev/null || true
         wait "$REG_PID" 2>/dev/null || true
         REG_PID=
+    fi
+    if [[ -n $REG2_PID ]]; then
+        kill -TERM "$REG2_PID" 2>/dev/null || true
+        wait "$REG2_PID" 2>/dev/null || true
+        REG2_PID=
     fi
 }
 delete_netns() {
@@ -159,6 +195,49 @@ make_image() {
     rm -rf "$root" "$WORK/layer.tar"
 }
 
+# image_digest DIR manifest|config|layer: a digest (sha256:...) of an image made by make_image
+image_digest() {
+    local dir=$1 what=$2 man
+    man=$(grep -o '"digest":"sha256:[0-9a-f]*"' "$dir/index.json" | head -n1 | cut -d'"' -f4)
+    case $what in
+        manifest) echo "$man" ;;
+        config) grep -o '"digest":"sha256:[0-9a-f]*"' "$dir/blobs/sha256/${man#sha256:}" | sed -n 1p | cut -d'"' -f4 ;;
+        layer) grep -o '"digest":"sha256:[0-9a-f]*"' "$dir/blobs/sha256/${man#sha256:}" | sed -n 2p | cut -d'"' -f4 ;;
+        *) die "image_digest: what is '$what'?" ;;
+    esac
+}
+
+# ---------------------------------------------------------------- bearer tokens, minted here
+# There is no token server package in Debian, so the script is the token server: an RSA key with a
+# self-signed certificate (the registry's auth.token.rootcertbundle) signs JWTs the way
+# distribution 2.8's registry/auth/token/token.go verifies them.
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+
+make_token_signer() {
+    mkdir -p "$WORK/token"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=$TOKEN_ISSUER" \
+        -keyout "$WORK/token/signer.key" -out "$WORK/token/signer.crt" 2>/dev/null
+}
+
+# mint_token SUB REPO ACTIONS: a compact JWT; ACTIONS is a JSON list body, e.g. '"pull","push"'.
+#   header: alg RS256, x5c = [the signer certificate] (the registry checks it chains to the
+#           rootcertbundle and verifies the signature with its public key; no kid needed)
+#   claims: iss = auth.token.issuer, aud = auth.token.service (a string in 2.8), sub, nbf <= now
+#           <= exp (15 minutes), iat, jti, access = [{type: repository, name: REPO, actions}]
+mint_token() {
+    local sub=$1 repo=$2 actions=$3 now x5c jti header claims signing_input
+    now=$(date +%s)
+    x5c=$(openssl x509 -in "$WORK/token/signer.crt" -outform DER | openssl base64 -A)
+    jti=$(openssl rand -hex 16)
+    header=$(printf '{"typ":"JWT","alg":"RS256","x5c":["%s"]}' "$x5c" | b64url)
+    claims=$(printf '{"iss":"%s","sub":"%s","aud":"%s","exp":%d,"nbf":%d,"iat":%d,"jti":"%s","access":[{"type":"repository","name":"%s","actions":[%s]}]}' \
+        "$TOKEN_ISSUER" "$sub" "$TOKEN_SERVICE" $((now + 900)) $((now - 60)) "$now" "$jti" \
+        "$repo" "$actions" | b64url)
+    signing_input="$header.$claims"
+    printf '%s.%s' "$signing_input" \
+        "$(printf '%s' "$signing_input" | openssl dgst -sha256 -binary -sign "$WORK/token/signer.key" | b64url)"
+}
+
 # ---------------------------------------------------------------- clients
 # in_ns NS CMD...: run CMD in network namespace NS, or here when NS is empty
 in_ns() {
@@ -187,16 +266,46 @@ run_skopeo() {
         --policy "$WORK/policy.json" --registries.d "$WORK/registries.d" "$@"
 }
 
+# run_skopeo_pair ARGS... --then ARGS...: two skopeo commands, one after the other, in ONE private
+# mount namespace as run_skopeo sets it up: they share one (empty at the start) blob-info cache, so
+# the second knows where the first saw each blob -- as on a host where skopeo or podman ran before.
+# That is what makes containers/image mount a blob from another repository instead of uploading it.
+run_skopeo_pair() {
+    local first=(--policy "$WORK/policy.json" --registries.d "$WORK/registries.d")
+    while (($#)) && [[ $1 != --then ]]; do first+=("$1"); shift; done
+    (($#)) || die "run_skopeo_pair: no --then"
+    shift
+    env -i PATH="$SAFE_PATH" HOME="$WORK/home" XDG_RUNTIME_DIR="$WORK/run" \
+        XDG_CONFIG_HOME="$WORK/home/.config" TMPDIR="$WORK/tmp" \
+        CONTAINERS_REGISTRIES_CONF="$WORK/registries.conf" REGISTRY_AUTH_FILE="$WORK/auth.json" \
+        unshare --mount --propagation private -- /bin/bash -c '
+            set -e
+            hosts=$1 n=$2; shift 2
+            if [ -d /var/lib/containers ]; then mount -t tmpfs -o size=16m skopeo-cache /var/lib/containers
+            else mount -t tmpfs -o size=16m skopeo-cache /var/lib; fi
+            mount --bind "$hosts" /etc/hosts
+            skopeo "${@:1:n}"
+            exec skopeo "${@:n+1}"' bash "$WORK/hosts" "${#first[@]}" "${first[@]}" \
+        --policy "$WORK/policy.json" --registries.d "$WORK/registries.d" "$@"
+}
+
 # ccurl ARGS...: curl that never uses a proxy or a .curlrc
 ccurl() { curl -q --noproxy '*' -sS "$@"; }
 
 # ---------------------------------------------------------------- registry
-# write_config FILE ADDR [auth] [tls]
+# write_config FILE ADDR [auth] [tls] [token] [delete] [store=SUFFIX]
+#   auth: htpasswd; token: auth.token with the signer of mint_token; delete: storage.delete.enabled;
+#   store=SUFFIX: storage in $WORK/storage.$SCENARIO.SUFFIX (a second registry of the same scenario)
 write_config() {
     local file=$1 addr=$2; shift 2
-    local auth=0 tls=0 opt
-    for opt in "$@"; do case $opt in auth) auth=1 ;; tls) tls=1 ;; esac; done
-    mkdir -p "$WORK/storage.$SCENARIO"
+    local auth=0 tls=0 token=0 delete=0 store="$WORK/storage.$SCENARIO" opt
+    for opt in "$@"; do
+        case $opt in
+            auth) auth=1 ;; tls) tls=1 ;; token) token=1 ;; delete) delete=1 ;;
+            store=*) store="$WORK/storage.$SCENARIO.${opt#store=}" ;;
+        esac
+    done
+    mkdir -p "$store"
     {
         echo "version: 0.1"
         echo "log:"
@@ -204,7 +313,11 @@ write_config() {
         echo "  formatter: text"
         echo "storage:"
         echo "  filesystem:"
-        echo "    rootdirectory: $WORK/storage.$SCENARIO"
+        echo "    rootdirectory: $store"
+        if ((delete)); then
+            echo "  delete:"
+            echo "    enabled: true"
+        fi
         echo "http:"
         echo "  addr: $addr"
         echo "  secret: registry-sensor-sample-secret"
@@ -218,6 +331,16 @@ write_config() {
             echo "  htpasswd:"
             echo "    realm: registry-sensor"
             echo "    path: $WORK/htpasswd"
+        fi
+        if ((token)); then
+            # realm: where clients would get tokens; nothing listens there (tokens are minted
+            # by mint_token and handed to the clients directly)
+            echo "auth:"
+            echo "  token:"
+            echo "    realm: http://127.0.0.1:5001/token"
+            echo "    service: $TOKEN_SERVICE"
+            echo "    issuer: $TOKEN_ISSUER"
+            echo "    rootcertbundle: $WORK/token/signer.crt"
         fi
     } > "$file"
 }
@@ -250,6 +373,23 @@ start_registry() {
     die "registry did not answer on $url"
 }
 
+# start_second_registry CONFIG URL: one more registry here, on another address (REG2_PID); the
+# port check of start_registry already made sure nothing else listens on TCP 5000
+start_second_registry() {
+    local config=$1 url=$2 rlog="$WORK/registry.$SCENARIO.2.log"
+    env -i PATH="$SAFE_PATH" docker-registry serve "$config" > "$rlog" 2>&1 &
+    REG2_PID=$!
+    local i code
+    for i in $(seq 1 100); do
+        kill -0 "$REG2_PID" 2>/dev/null || { cat "$rlog" >&2; die "second registry exited"; }
+        code=$(ccurl -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null || true)
+        if [[ $code == 200 || $code == 401 ]]; then return 0; fi
+        sleep 0.1
+    done
+    cat "$rlog" >&2
+    die "second registry did not answer on $url"
+}
+
 # ---------------------------------------------------------------- capture
 # start_capture NS IFACE: tcpdump 'tcp port 5000' into $WORK/cap/$SCENARIO.pcap, wait until live
 start_capture() {
@@ -279,6 +419,13 @@ finish_capture() {
         | sed "s/^/    tcpdump: /" >&2 || true
     install -m 0644 "$WORK/cap/$SCENARIO.pcap" "$OUT_DIR/$SCENARIO.pcap"
     MADE+=("$OUT_DIR/$SCENARIO.pcap")
+}
+
+# expect_code WANT CURL-ARGS...: one curl request; its status code must be WANT
+expect_code() {
+    local want=$1 code; shift
+    code=$(ccurl -o /dev/null -w '%{http_code}' "$@")
+    [[ $code == "$want" ]] || die "expected $want, got $code: curl $(printf '%q ' "$@" | cut -c1-200)"
 }
 
 expect_fail() {   # CMD...: the command must fail (a refused push); its error goes to the log
@@ -458,6 +605,153 @@ scenario_tls_registry() {
     run_skopeo inspect --tls-verify=false --no-creds "docker://registry.test:5000/library/demo:1.0" >/dev/null
     run_skopeo copy --src-tls-verify=false --src-no-creds \
         "docker://registry.test:5000/library/demo:1.0" "dir:$WORK/pull/tls"
+    finish_capture
+    stop_registry
+}
+
+# ---------------------------------------------------------------- rule-pack scenarios
+# push_quietly DIR TAG DEST/REPO [skopeo dest-auth args...]: a push made before the capture starts
+push_quietly() {
+    local dir=$1 tag=$2 target=$3; shift 3
+    (($#)) || set -- --dest-no-creds
+    run_skopeo copy -q --dest-tls-verify=false "$@" "oci:$dir:$tag" "docker://$target:$tag" >/dev/null
+}
+
+scenario_bearer_token_push() {
+    make_token_signer
+    write_config "$WORK/config.yml" 127.0.0.1:5000 token
+    start_registry "" "$WORK/config.yml" "$LOCAL/v2/"
+    local token
+    token=$(mint_token "$TOKEN_SUB" library/tokendemo '"pull","push"')
+    make_image "$WORK/img-token" library/tokendemo 1.0
+    start_capture "" lo
+    log "    skopeo push library/tokendemo:1.0 with --dest-registry-token <JWT, sub $TOKEN_SUB>"
+    run_skopeo copy --dest-tls-verify=false --dest-registry-token "$token" \
+        "oci:$WORK/img-token:1.0" "docker://$DEST/library/tokendemo:1.0"
+    log "    curl -H 'Authorization: Bearer <JWT>' (one connection): GET /v2/, GET manifest 1.0 (expect 200 200)"
+    local codes
+    codes=$(ccurl -H "Authorization: Bearer $token" \
+        -H 'Accept: application/vnd.oci.image.manifest.v1+json' -o /dev/null -o /dev/null \
+        -w '%{http_code} ' "$LOCAL/v2/" "$LOCAL/v2/library/tokendemo/manifests/1.0")
+    [[ $codes == "200 200 " ]] || die "bearer token: expected 200 200, got $codes"
+    finish_capture
+    stop_registry
+}
+
+scenario_auth_bruteforce() {
+    make_htpasswd
+    write_config "$WORK/config.yml" 127.0.0.1:5000 auth
+    start_registry "" "$WORK/config.yml" "$LOCAL/v2/"
+    start_capture "" lo
+    local i
+    log "    curl -u alice:wrong-N GET /v2/ for N = 1..12 (expect 401 each, one connection each)"
+    for i in $(seq 1 12); do expect_code 401 -u "alice:wrong-$i" "$LOCAL/v2/"; done
+    log "    curl -u alice:wrong-N GET /v2/library/private/manifests/1.0 for N = 13..20 (expect 401 each)"
+    for i in $(seq 13 20); do
+        expect_code 401 -u "alice:wrong-$i" "$LOCAL/v2/library/private/manifests/1.0"
+    done
+    finish_capture
+    stop_registry
+}
+
+scenario_credential_spraying() {
+    make_htpasswd
+    write_config "$WORK/config.yml" 127.0.0.1:5000 auth
+    start_registry "" "$WORK/config.yml" "$LOCAL/v2/"
+    start_capture "" lo
+    local u
+    log "    curl -u <user>:<one password> GET /v2/ for ${SPRAY_USERS[*]} (expect 401 each)"
+    for u in "${SPRAY_USERS[@]}"; do expect_code 401 -u "$u:$SPRAY_PASSWORD" "$LOCAL/v2/"; done
+    finish_capture
+    stop_registry
+}
+
+scenario_registry_delete() {
+    make_htpasswd
+    local reg2=http://$REG2_IP:5000
+    write_config "$WORK/config.yml" 127.0.0.1:5000 auth delete
+    write_config "$WORK/config2.yml" "$REG2_IP:5000" auth store=2
+    start_registry "" "$WORK/config.yml" "$LOCAL/v2/"
+    start_second_registry "$WORK/config2.yml" "$reg2/v2/"
+    make_image "$WORK/img-del" library/demo 1.0
+    log "    (not captured) skopeo push library/demo:1.0 as alice to $DEST and $REG2_IP:5000"
+    push_quietly "$WORK/img-del" 1.0 "$DEST/library/demo" --dest-creds "alice:$PASSWORD"
+    push_quietly "$WORK/img-del" 1.0 "$REG2_IP:5000/library/demo" --dest-creds "alice:$PASSWORD"
+    local man cfg layer u=(-u "alice:$PASSWORD") oci=(-H 'Accept: application/vnd.oci.image.manifest.v1+json')
+    man=$(image_digest "$WORK/img-del" manifest)
+    cfg=$(image_digest "$WORK/img-del" config)
+    layer=$(image_digest "$WORK/img-del" layer)
+    start_capture "" lo
+    log "    [$DEST, delete enabled] curl -u alice: HEAD manifest 1.0 (200), DELETE manifest by digest (202),"
+    log "      DELETE layer blob (202), DELETE config blob (202), HEAD manifest 1.0 (404)"
+    expect_code 200 "${u[@]}" "${oci[@]}" -I "$LOCAL/v2/library/demo/manifests/1.0"
+    expect_code 202 "${u[@]}" -X DELETE "$LOCAL/v2/library/demo/manifests/$man"
+    expect_code 202 "${u[@]}" -X DELETE "$LOCAL/v2/library/demo/blobs/$layer"
+    expect_code 202 "${u[@]}" -X DELETE "$LOCAL/v2/library/demo/blobs/$cfg"
+    expect_code 404 "${u[@]}" "${oci[@]}" -I "$LOCAL/v2/library/demo/manifests/1.0"
+    log "    [$REG2_IP:5000, delete disabled] curl -u alice: DELETE manifest (405), DELETE layer blob (405),"
+    log "      HEAD manifest 1.0 (200)"
+    expect_code 405 "${u[@]}" -X DELETE "$reg2/v2/library/demo/manifests/$man"
+    expect_code 405 "${u[@]}" -X DELETE "$reg2/v2/library/demo/blobs/$layer"
+    expect_code 200 "${u[@]}" "${oci[@]}" -I "$reg2/v2/library/demo/manifests/1.0"
+    finish_capture
+    stop_registry
+}
+
+scenario_blob_mount() {
+    make_htpasswd
+    write_config "$WORK/config.yml" 127.0.0.1:5000 auth
+    start_registry "" "$WORK/config.yml" "$LOCAL/v2/"
+    make_image "$WORK/img-base" team/base 1.0
+    log "    (not captured) skopeo push team/base:1.0 as alice"
+    push_quietly "$WORK/img-base" 1.0 "$DEST/team/base" --dest-creds "alice:$PASSWORD"
+    local layer
+    layer=$(image_digest "$WORK/img-base" layer)
+    start_capture "" lo
+    log "    curl -u alice POST /v2/team/app/blobs/uploads/?mount=<layer>&from=team/base (expect 201)"
+    expect_code 201 -u "alice:$PASSWORD" -X POST -H 'Content-Length: 0' \
+        "$LOCAL/v2/team/app/blobs/uploads/?mount=$layer&from=team/base"
+    log "    skopeo pull team/base:1.0 -> dir:, then (same blob-info cache) push dir: -> team/copy:1.0, as alice"
+    run_skopeo_pair copy --src-tls-verify=false --src-creds "alice:$PASSWORD" \
+            "docker://$DEST/team/base:1.0" "dir:$WORK/pull/base" \
+        --then copy --dest-tls-verify=false --dest-creds "alice:$PASSWORD" \
+            "dir:$WORK/pull/base" "docker://$DEST/team/copy:1.0"
+    finish_capture
+    stop_registry
+}
+
+scenario_scanner_user_agents() {
+    write_config "$WORK/config.yml" 127.0.0.1:5000
+    start_registry "" "$WORK/config.yml" "$LOCAL/v2/"
+    make_image "$WORK/img-scan" library/demo 1.0
+    log "    (not captured) skopeo push library/demo:1.0"
+    push_quietly "$WORK/img-scan" 1.0 "$DEST/library/demo"
+    start_capture "" lo
+    log "    curl -A '$ZGRAB_UA' (one connection): GET /v2/, GET /v2/_catalog"
+    ccurl -A "$ZGRAB_UA" -o /dev/null -o /dev/null "$LOCAL/v2/" "$LOCAL/v2/_catalog"
+    log "    curl -A '$ENUM_UA' (one connection): GET /v2/, GET /v2/_catalog"
+    ccurl -A "$ENUM_UA" -o /dev/null -o /dev/null "$LOCAL/v2/" "$LOCAL/v2/_catalog"
+    log "    curl -A '$ENUM_UA' GET /v2/_catalog?n=100000 (above the maximum of 1000: expect 400)"
+    expect_code 400 -A "$ENUM_UA" "$LOCAL/v2/_catalog?n=100000"
+    finish_capture
+    stop_registry
+}
+
+scenario_bulk_pull() {
+    write_config "$WORK/config.yml" 127.0.0.1:5000
+    start_registry "" "$WORK/config.yml" "$LOCAL/v2/"
+    local i
+    log "    (not captured) skopeo push team/svc-1..4:1.0"
+    for i in 1 2 3 4; do
+        make_image "$WORK/img-svc-$i" "team/svc-$i" 1.0
+        push_quietly "$WORK/img-svc-$i" 1.0 "$DEST/team/svc-$i"
+    done
+    start_capture "" lo
+    for i in 1 2 3 4; do
+        log "    skopeo pull $DEST/team/svc-$i:1.0 -> dir: (anonymous)"
+        run_skopeo copy --src-tls-verify=false --src-no-creds \
+            "docker://$DEST/team/svc-$i:1.0" "dir:$WORK/pull/svc-$i"
+    done
     finish_capture
     stop_registry
 }

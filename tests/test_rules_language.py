@@ -288,6 +288,16 @@ def test_override_threshold_reaches_triggers(tmp_path: Path) -> None:
     assert [t.threshold.window for t in rules["bulk-pull"].triggers] == [5.0, 5.0]
     assert rules["bulk-pull"].triggers[0].threshold.total == 2147483648
     assert not rules["external-source"].enabled
+    # count goes to the counting trigger only, total to the summing one only
+    cfg.write_text("rules:\n  overrides:\n    bulk-pull:\n"
+                   "      threshold: {count: 4, total: 1000}\n")
+    config = load_config(cfg)
+    rules = {r.id: r for r in load_rules(config.rule_paths, config.networks,
+                                         config.rule_overrides)}
+    by_sum, by_count = rules["bulk-pull"].triggers
+    assert (by_sum.threshold.sum, by_sum.threshold.total, by_sum.threshold.count) == (
+        "response_body_bytes", 1000.0, 0)
+    assert (by_count.threshold.distinct, by_count.threshold.count) == ("repository", 4)
     cfg.write_text("rules:\n  overrides:\n    no-such-rule: {enabled: false}\n")
     config = load_config(cfg)
     with pytest.raises(ConfigError, match="no-such-rule"):

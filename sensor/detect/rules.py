@@ -406,18 +406,31 @@ def _merged(base: Any, changes: Mapping[str, Any]) -> Any:
     return merged
 
 
+_COUNT_ONLY = frozenset(("count", "distinct"))
+_SUM_ONLY = frozenset(("sum", "total"))
+
+
+def _threshold_override(threshold: Any, change: Mapping[str, Any]) -> Any:
+    """A trigger's threshold with the override keys that fit its kind (count or sum)."""
+    is_sum = "sum" in threshold
+    fitting = {k: v for k, v in change.items()
+               if not (k in _COUNT_ONLY and is_sum) and not (k in _SUM_ONLY and not is_sum)}
+    return _merged(threshold, fitting)
+
+
 def merge_override(node: Mapping[str, Any], override: Mapping[str, Any]) -> Any:
     """A rule definition with an operator's override applied.
 
-    Mappings (threshold, suppress) are merged one level deep; a threshold override applies to
-    every trigger of a rule that has several.
+    Mappings (threshold, suppress, except) are merged one level deep. On a rule with several
+    triggers, a threshold override applies to each trigger's threshold where it fits:
+    count/distinct to counting thresholds, sum/total to summing ones, window/by to all.
     """
     merged = _merged(node, {})
     for key, value in override.items():
         if key == "threshold" and isinstance(merged.get("triggers"), list) and isinstance(
                 value, dict):
             merged["triggers"] = [
-                _merged(t, {"threshold": _merged(t["threshold"], value)})
+                _merged(t, {"threshold": _threshold_override(t["threshold"], value)})
                 if isinstance(t, dict) and isinstance(t.get("threshold"), dict) else t
                 for t in merged["triggers"]]
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
