@@ -22,6 +22,12 @@ Documented exception (the only one; tshark is not wrong, it just has no request 
     anonymous-push-rejected.pcap  4 → 8 (tcp.stream 0)
     basic-auth-push.pcap          4 → 8 (tcp.stream 0),  44 → 48 (tcp.stream 4)
     external-client.pcap          4 → 8 (tcp.stream 0),  153 → 157 (tcp.stream 13)
+    bearer-token-push.pcap        4 → 8 (tcp.stream 0)
+    blob-mount.pcap               14 → 18 (tcp.stream 1),  66 → 70 (tcp.stream 6)
+    bulk-pull.pcap                4 → 8 (tcp.stream 0),  56 → 60 (tcp.stream 5),
+                                  108 → 112 (tcp.stream 10),  160 → 164 (tcp.stream 15)
+  (none in catalog-tags-enumeration, tls-registry, auth-bruteforce, credential-spraying,
+  registry-delete, scanner-user-agents: curl only, or a TLS registry)
   The test does not trust this list blindly: an orphan response is excused only when tshark
   itself, decoding the same stream as TLS, shows a ClientHello as the client's first payload,
   and the sensor has a 'tls' transaction with that status on that very connection.
@@ -52,6 +58,14 @@ TLS_PROBE_EXCEPTIONS = {
     "catalog-tags-enumeration.pcap": [],
     "external-client.pcap": [(4, 8, 0), (153, 157, 13)],
     "tls-registry.pcap": [],
+    # the rule-pack captures (MANIFEST.md, "Rule-pack captures")
+    "bearer-token-push.pcap": [(4, 8, 0)],
+    "auth-bruteforce.pcap": [],
+    "credential-spraying.pcap": [],
+    "registry-delete.pcap": [],
+    "blob-mount.pcap": [(14, 18, 1), (66, 70, 6)],
+    "scanner-user-agents.pcap": [],
+    "bulk-pull.pcap": [(4, 8, 0), (56, 60, 5), (108, 112, 10), (160, 164, 15)],
 }
 TLS_VERSION_NAMES = {0x0301: "TLSv1.0", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
 
