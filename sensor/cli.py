@@ -96,7 +96,7 @@ def _finding_line(f: Finding) -> str:
 def cmd_replay(args: argparse.Namespace, config: SensorConfig) -> int:
     db_path = config.database_path(args.db)
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.json else None
-    summary, findings = run_replay(args.pcap, config, db_path, progress=bar)
+    summary, findings = run_replay(args.pcap, config, db_path, progress=bar, alert=args.alert)
     if bar is not None:
         bar.clear()
     if args.json:
@@ -127,9 +127,43 @@ def cmd_replay(args: argparse.Namespace, config: SensorConfig) -> int:
     out.write("anomalies:    " + (", ".join(f"{k} {v}" for k, v in anomalies.items()) or "none")
               + "\n")
     out.write(f"database:     {db_path}\n")
+    if "alerts" in summary:
+        _write_alert_summary(out, summary["alerts"])
     if summary["interrupted"]:
         out.write("interrupted:  the replay was stopped; what was read before is recorded\n")
     return 130 if summary["interrupted"] else 0
+
+
+def _write_alert_summary(out, alerts: dict) -> None:
+    """The alerts part of a replay summary: per target delivered/failed/retried/dropped."""
+    dropped = alerts["queue_dropped"]
+    out.write(f"alerts:       {alerts['findings_accepted']} findings to alert on"
+              + (", queue dropped " + ", ".join(f"{n} {s}" for s, n in dropped.items())
+                 if dropped else "")
+              + f", drained in {alerts['drain_seconds']} s\n")
+    from .sinks.alerts import describe_counts
+
+    for name, t in alerts["targets"].items():
+        out.write(f"  {name} ({t['target']}): {describe_counts(t)}"
+                  + (f"; last error: {t['last_error']}" if t["last_error"] else "") + "\n")
+
+
+# -- alert ------------------------------------------------------------------------------------
+
+def cmd_alert(args: argparse.Namespace, config: SensorConfig) -> int:
+    """`alert test`: one test message to each target; 0 all delivered, 1 any failed."""
+    from .sinks.alerts import send_test
+
+    if not config.alerts.targets:
+        raise UsageError(f"no alert targets configured (alerts.targets in {config.source})")
+    try:
+        results = send_test(config.alerts)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    rows = [[target.name, target.display, f"{r.seconds:.2f}s",
+             "delivered" if r.ok else f"failed: {r.reason}"] for target, r in results]
+    _print_table(("target", "where", "time", "result"), rows)
+    return 0 if all(r.ok for _, r in results) else 1
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -223,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--db", help="SQLite database (default: under the state directory)")
     replay.add_argument("--config", help="YAML configuration file")
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
+    replay.add_argument("--alert", action="store_true",
+                        help="also send findings to the configured alert targets (off by "
+                             "default: a forensic replay is quiet)")
 
     events = sub.add_parser("events", help="show recorded findings")
     events.add_argument("--db", help="SQLite database (default: under the state directory)")
@@ -241,10 +278,81 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="YAML configuration file")
     listing = rules_sub.add_parser("list", help="show the rules that are loaded")
     listing.add_argument("--config", help="YAML configuration file")
+
+    alert = sub.add_parser("alert", help="alert targets (apprise URLs)")
+    alert_sub = alert.add_subparsers(dest="alert_command", required=True, metavar="ACTION")
+    alert_test = alert_sub.add_parser("test", help="send a test message to every target")
+    alert_test.add_argument("--config", help="YAML configuration file")
+
+    live = sub.add_parser("live", help="capture from network interfaces (AF_PACKET) and record")
+    live.add_argument("--interface", "-i", action="append", metavar="IF",
+                      help="capture interface, repeatable (default: live.interfaces)")
+    live.add_argument("--config", help="YAML configuration file (reloaded on SIGHUP)")
+    live.add_argument("--db", help="SQLite database (default: under the state directory)")
+    live.add_argument("--capture", choices=("ring", "recv"),
+                      help="capture mechanism (default: live.capture, ring)")
+
+    status = sub.add_parser("status", help="show the live sensor's latest capture statistics")
+    status.add_argument("--db", help="SQLite database (default: under the state directory)")
+    status.add_argument("--config", help="YAML configuration file")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
 
-COMMANDS = {"replay": cmd_replay, "events": cmd_events, "rules": cmd_rules}
+# -- live and status --------------------------------------------------------------------------
+
+def cmd_live(args: argparse.Namespace, config: SensorConfig) -> int:
+    from .daemon import run_live
+
+    return run_live(config, args.config, args.interface or (), args.db, args.capture)
+
+
+def cmd_status(args: argparse.Namespace, config: SensorConfig) -> int:
+    db_path = config.database_path(args.db)
+    if not db_path.exists():
+        raise UsageError(f"{db_path}: no database (run registry-sensor live first)")
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        rows = [dict(r) for r in conn.execute(
+            "SELECT * FROM stats WHERE started = (SELECT max(started) FROM stats) "
+            "AND ts = (SELECT max(ts) FROM stats s2 WHERE s2.interface = stats.interface "
+            "AND s2.started = stats.started) ORDER BY interface")]
+        loss = conn.execute("SELECT ts, title FROM events WHERE rule = 'capture-loss' "
+                            "ORDER BY ts DESC LIMIT 1").fetchone()
+        conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"{db_path}: cannot read stats: {exc}") from None
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not rows:
+        sys.stdout.write(f"{db_path}: no stats yet (registry-sensor live writes them)\n")
+        return 0
+    out = sys.stdout
+    first = rows[0]
+    age = time.time() - first["ts"]
+    out.write(f"sensor started {_fmt_ts(first['started'])}, last stats {_fmt_ts(first['ts'])} "
+              f"({age:,.0f} s ago)\n")
+    for r in rows:
+        received, dropped = r["kernel_received"] or 0, r["kernel_dropped"] or 0
+        share = f" ({100 * dropped / received:.2f}%)" if received else ""
+        out.write(f"{r['interface']}: {r['mechanism']} capture, kernel received {received:,}, "
+                  f"dropped {dropped:,}{share}\n")
+    out.write(f"packets:      {first['packets']:,} ({first['bytes']:,} bytes)\n")
+    out.write(f"flows:        {first['flows_open']:,} open, {first['flows']:,} in all\n")
+    out.write(f"transactions: {first['transactions']:,}\n")
+    out.write(f"findings:     {first['findings']:,}\n")
+    out.write(f"anomalies:    {first['anomalies']:,}\n")
+    out.write(f"memory:       {first['rss_bytes'] / 1e6:,.1f} MB resident\n")
+    if loss is not None:
+        out.write(f"last capture loss: {_fmt_ts(loss['ts'])} {loss['title']}\n")
+    return 0
+
+
+COMMANDS = {"replay": cmd_replay, "events": cmd_events, "rules": cmd_rules, "live": cmd_live,
+            "status": cmd_status, "alert": cmd_alert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,8 +50,8 @@ def classify(method: str | None, uri: str | None) -> RegistryOp | None:
         return None
     parts = urlsplit(uri)
     path = unquote(parts.path) or "/"
-    if not path.startswith("/v2"):
-        return None
+    if path != "/v2" and not path.startswith("/v2/"):
+        return None  # /v2foo, /v20/... are not the v2 API
     query = parse_qs(parts.query, keep_blank_values=True)
     if path in ("/v2", "/v2/"):
         return RegistryOp("base", "check")

@@ -70,6 +70,20 @@ def build_detector(config: SensorConfig) -> Detector:
     return Detector(load_rules(config.rule_paths, config.networks, config.rule_overrides))
 
 
+def build_alert_sink(config: SensorConfig, detector: Detector, db_path: Path) -> Any:
+    """The apprise alert sink for this run (`--alert`); a usage error when none is configured."""
+    if not config.alerts.targets:
+        raise UsageError(f"--alert: no alert targets configured (alerts.targets in "
+                         f"{config.source})")
+    from .sinks.alerts import AlertSink
+
+    try:
+        return AlertSink(config.alerts, db_path=str(db_path),
+                         descriptions={r.id: r.description for r in detector.rules})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def open_captures(paths: Sequence[str], warnings: list[str]) -> list[CaptureReader]:
     readers = []
     try:
@@ -93,11 +107,24 @@ def open_captures(paths: Sequence[str], warnings: list[str]) -> list[CaptureRead
 
 def run_replay(paths: Sequence[str], config: SensorConfig, db_path: Path,
                progress: Callable[[int, int, float], None] | None = None,
-               extra_sinks: Sequence[Any] = ()) -> tuple[dict[str, Any], list[Finding]]:
-    """Replay the captures; return the summary and the findings."""
+               extra_sinks: Sequence[Any] = (),
+               alert: bool = False) -> tuple[dict[str, Any], list[Finding]]:
+    """Replay the captures; return the summary and the findings.
+
+    With `alert`, findings also go to the configured apprise targets (sinks.alerts, its own
+    thread); the run drains them within alerts.drain_timeout and reports in summary["alerts"].
+    """
     warnings: list[str] = []
     detector = build_detector(config)
-    readers = open_captures(paths, warnings)
+    alert_sink = build_alert_sink(config, detector, db_path) if alert else None
+    try:
+        readers = open_captures(paths, warnings)
+    except UsageError:
+        if alert_sink is not None:
+            alert_sink.close(0)
+        raise
+    if alert_sink is not None:
+        extra_sinks = (*extra_sinks, alert_sink)
     key = load_or_create_key(config.key_path())
     sink = SqliteSink(db_path)
     collector = FindingCollector()
@@ -125,9 +152,12 @@ def run_replay(paths: Sequence[str], config: SensorConfig, db_path: Path,
     finally:
         engine.finish()
         sink.close()
+        alerts = alert_sink.close(config.alerts.drain_timeout) if alert_sink else None
     for message in warnings:
         log.warning("%s", message)
     summary = engine.summary()
     summary.update(files=list(paths), database=str(db_path), warnings=warnings,
                    seconds=round(time.monotonic() - started, 3), interrupted=interrupted)
+    if alerts is not None:
+        summary["alerts"] = alerts
     return summary, collector.findings

@@ -244,6 +244,11 @@ class Flow:
             return True
         if flags & ACK:
             peer = self.server if half is self.client else self.client
+            if flags & SYN and peer.next_seq is None:
+                # A SYN-ACK whose SYN was not captured: its ack is where the peer's stream
+                # starts, so the peer's first bytes are not a mid-stream pickup.
+                peer.next_seq = ack
+                peer.isn_seen = True
             if peer.held or peer.fin_seq is not None:
                 peer.peer_acked(ack, ts)
         if end > off or flags & (SYN | FIN):

@@ -133,7 +133,9 @@ class Conversation:
         if self.tls is not None:
             self._emit_tls(ts, status=None)
         while self.pending:
-            self._emit(self.pending.popleft(), partial=False)
+            ex = self.pending.popleft()
+            # A request with no (complete) response, or a response cut short, is partial.
+            self._emit(ex, partial=not (ex.request_done and ex.response_done))
 
     def _awaiting_response(self) -> _Exchange | None:
         for ex in self.pending:

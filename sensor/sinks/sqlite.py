@@ -35,6 +35,14 @@ ANOMALY_COLUMNS: dict[str, type] = {
     "ts": float, "kind": str, "detail": str, "flow_id": int, "community_id": str,
     "src_ip": str, "src_port": int, "dest_ip": str, "dest_port": int,
 }
+# One row per capture interface per stats interval of `registry-sensor live`. The kernel
+# counters and the sensor's own are totals since `started` (the sensor's start time).
+STATS_COLUMNS: dict[str, type] = {
+    "ts": float, "started": float, "interface": str, "mechanism": str,
+    "kernel_received": int, "kernel_dropped": int,
+    "packets": int, "bytes": int, "flows_open": int, "flows": int, "transactions": int,
+    "findings": int, "anomalies": int, "rss_bytes": int,
+}
 
 
 def transaction_row(t: Transaction) -> dict[str, Any]:
@@ -96,7 +104,7 @@ def open_database(path: Path) -> sqlite_utils.Database:
     finally:
         os.umask(old_umask)
     for name, columns in (("transactions", TRANSACTION_COLUMNS), ("events", EVENT_COLUMNS),
-                          ("anomalies", ANOMALY_COLUMNS)):
+                          ("anomalies", ANOMALY_COLUMNS), ("stats", STATS_COLUMNS)):
         table = db.table(name)
         if not table.exists():
             table.create(columns)
@@ -105,7 +113,8 @@ def open_database(path: Path) -> sqlite_utils.Database:
             for column, kind in missing.items():
                 table.add_column(column, kind)
     for name, cols in (("transactions", ["ts"]), ("transactions", ["community_id"]),
-                       ("events", ["ts"]), ("events", ["rule"]), ("anomalies", ["ts"])):
+                       ("events", ["ts"]), ("events", ["rule"]), ("anomalies", ["ts"]),
+                       ("stats", ["ts"])):
         db.table(name).create_index(cols, if_not_exists=True)
     return db
 
@@ -118,7 +127,7 @@ class SqliteSink:
         self.db = open_database(path)
         self.batch = batch
         self.pending: dict[str, list[dict[str, Any]]] = {
-            "transactions": [], "events": [], "anomalies": []}
+            "transactions": [], "events": [], "anomalies": [], "stats": []}
         self.pending_rows = 0
         self.written = 0
 
@@ -130,6 +139,10 @@ class SqliteSink:
 
     def anomaly(self, anomaly: Anomaly) -> None:
         self._add("anomalies", anomaly_row(anomaly))
+
+    def stats(self, row: dict[str, Any]) -> None:
+        """A capture-statistics row (STATS_COLUMNS), committed with the next flush."""
+        self._add("stats", row)
 
     def _add(self, table: str, row: dict[str, Any]) -> None:
         self.pending[table].append(row)
