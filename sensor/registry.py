@@ -82,6 +82,7 @@ def classify(method: str | None, uri: str | None) -> RegistryOp | None:
         return RegistryOp(op, action, repository=name, digest=digest)
     if (blob := m.group("blob")) is not None:
         op, action = _BLOB_OPS.get(method, ("blob-other", "unknown"))
-        return RegistryOp(op, action, repository=name, digest=blob)
+        return RegistryOp(op, action, repository=name,
+                          digest=blob if _is_digest(blob) else None)
     subject = m.group("referrers")
     return RegistryOp("referrers", "pull", repository=name, digest=subject)

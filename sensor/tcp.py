@@ -175,6 +175,9 @@ class Half:
         if lost <= 0:
             return
         self.flow.note_gap()
+        side = "client" if self is self.flow.client else "server"
+        self.flow.anomaly("content-gap", f"{lost} bytes of the {side} stream were not captured",
+                          ts)
         self.next_seq = target
         self.parser.gap(lost, ts)
         self._drain(ts)
