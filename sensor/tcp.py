@@ -37,11 +37,12 @@ class ReassemblyBudget:
 class Half:
     """One direction of a flow: reassembly state and the parser it feeds."""
 
-    __slots__ = ("flow", "parser", "next_seq", "isn_seen", "held", "held_bytes", "fin_seq",
-                 "closed", "last_buf", "last_seq", "last_off", "last_end")
+    __slots__ = ("flow", "peer", "parser", "next_seq", "isn_seen", "held", "held_bytes",
+                 "fin_seq", "closed", "last_buf", "last_seq", "last_off", "last_end")
 
     def __init__(self, flow: Flow, parser) -> None:
         self.flow = flow
+        self.peer: Half = self  # the other direction, set by Flow
         self.parser = parser
         self.next_seq: int | None = None
         self.isn_seen = False
@@ -218,6 +219,8 @@ class Flow:
         self.conv = conv
         self.client = Half(self, RequestParser(conv, key, max_header))
         self.server = Half(self, ResponseParser(conv, max_header))
+        self.client.peer = self.server
+        self.server.peer = self.client
         self.last_ts = 0.0
         self.budget = budget
         self.max_held = max_held
@@ -246,7 +249,7 @@ class Flow:
             self.close(ts)
             return True
         if flags & ACK:
-            peer = self.server if half is self.client else self.client
+            peer = half.peer
             if flags & SYN and peer.next_seq is None:
                 # A SYN-ACK whose SYN was not captured: its ack is where the peer's stream
                 # starts, so the peer's first bytes are not a mid-stream pickup.
