@@ -191,6 +191,7 @@ class LiveSensor:
         self.reload_requested = False
         self.ifaces = {src.interface: _IfaceState(KernelStats(0, 0)) for src in sources}
         self.stats_rows = 0
+        self.worker: int | None = None  # with live.workers > 1: which worker (stats rows)
         self._wake_r: socket.socket | None = None
         self._error_logged: dict[str, float] = {}
 
@@ -218,7 +219,7 @@ class LiveSensor:
     def run(self) -> None:
         live = self.config.live
         engine = self.engine
-        packet = engine.packet
+        run = engine.run
         now = time.monotonic()
         next_flush = now + live.flush_interval
         next_stats = now + live.stats_interval
@@ -251,8 +252,7 @@ class LiveSensor:
                     batch = src.read()
                     if not batch:
                         break
-                    for ts, linktype, buf in batch:
-                        packet(ts, linktype, buf)
+                    run(batch)
                     if time.monotonic() > round_end:
                         break
             if self.reload_requested:
@@ -351,7 +351,7 @@ class LiveSensor:
                 log.info("%s: no more kernel drops", src.interface)
                 state.dropping = False
             state.last = ks
-            self.sink.stats({**common, "interface": src.interface,
+            self.sink.stats({**common, "interface": src.interface, "worker": self.worker,
                              "mechanism": getattr(src, "mechanism", None),
                              "kernel_received": ks.received, "kernel_dropped": ks.dropped})
         self.stats_rows += 1
@@ -394,7 +394,7 @@ class LiveSensor:
                     src.set_ports(new.engine.ports)
         self.engine.settings = new.engine  # flows opened from now on use the new limits
         restart_needed = [k for k in ("interfaces", "capture", "buffer_size", "snaplen",
-                                      "promiscuous", "user")
+                                      "promiscuous", "user", "workers")
                           if getattr(new.live, k) != getattr(old.live, k)]
         restart_needed += [k for k in ("database", "key_file", "alerts")
                            if getattr(new, k) != getattr(old, k)]
@@ -432,8 +432,9 @@ def _on_deadline(_signum: int, _frame: Any) -> None:
 
 def run_live(config: SensorConfig, config_path: str | None, interfaces: Sequence[str] = (),
              db: str | None = None, mechanism: str | None = None,
-             extra_sinks: Sequence[Any] = ()) -> int:
-    """The `live` command. Returns the exit code."""
+             extra_sinks: Sequence[Any] = (), workers: int | None = None) -> int:
+    """The `live` command. Returns the exit code. With more than one worker (--workers,
+    live.workers) the supervisor in sensor.supervisor runs them."""
     live = config.live
     names = list(interfaces) or list(live.interfaces)
     if not names:
@@ -441,6 +442,12 @@ def run_live(config: SensorConfig, config_path: str | None, interfaces: Sequence
     db_path = config.database_path(db).absolute()  # resolved before any drop of privileges
     key_path = config.key_path().absolute()
     detector = build_detector(config)
+    workers = live.workers if workers is None else workers
+    if workers > 1:
+        from .supervisor import run_supervised
+
+        return run_supervised(config, config_path, names, db_path, key_path, detector,
+                              mechanism, workers)
     notifier = Notifier()
     sources: list[AfPacketSource] = []
     try:
@@ -465,6 +472,17 @@ def run_live(config: SensorConfig, config_path: str | None, interfaces: Sequence
             raise UsageError(f"{exc.filename or ''}{': ' if exc.filename else ''}"
                              f"{exc.strerror or exc} (as uid {os.geteuid()})") from None
         raise UsageError(str(exc)) from None
+    return serve(config, config_path, sources, detector, key, sink, db_path, notifier,
+                 extra_sinks)
+
+
+def serve(config: SensorConfig, config_path: str | None, sources: list, detector: Any,
+          key: bytes, sink: SqliteSink, db_path: Path, notifier: Any,
+          extra_sinks: Sequence[Any] = (), worker: int | None = None,
+          started: float | None = None) -> int:
+    """Sockets open, privileges dropped, database open: the packet loop until a stop, then the
+    bounded shutdown. Returns the exit code. A worker of the supervisor passes its number (for
+    the stats rows), the supervisor's start time, and a link to the supervisor as notifier."""
     alert_sink = None
     if config.alerts.targets:  # apprise, in its own thread; AF_INET/AF_INET6 in the unit
         try:
@@ -478,6 +496,9 @@ def run_live(config: SensorConfig, config_path: str | None, interfaces: Sequence
         extra_sinks = (*extra_sinks, alert_sink)
     engine = Engine(config.engine, key, detector, Tee(sink, LogFindings(), *extra_sinks))
     sensor = LiveSensor(config, config_path, sources, engine, sink, notifier)
+    sensor.worker = worker
+    if started is not None:
+        sensor.started = started
     sensor.install_signals()
     log.info("database %s", db_path)
     rc = 0

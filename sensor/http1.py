@@ -48,16 +48,22 @@ class MessageParser:
     """State shared by the request and the response parser of one direction."""
 
     __slots__ = ("sink", "state", "hbuf", "remaining", "body", "partial", "max_header",
-                 "started", "ts0", "_head_scan")
+                 "started", "ts0", "_head_scan", "body_left", "length", "lost", "_sink_end")
 
     is_request = True
 
     def __init__(self, sink, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
         self.sink = sink
+        self._sink_end = sink.request_end if self.is_request else sink.response_end
         self.state = HEAD
         self.hbuf = bytearray()
-        self.remaining = 0
-        self.body = 0
+        self.remaining = 0  # bytes left in the current chunk
+        self.body = 0  # body bytes seen (chunked and read-until-close bodies)
+        # A body of known length is counted down in body_left alone (the engine's fast path
+        # does the same); its size is worked out when it ends: length - body_left - lost.
+        self.body_left = 0
+        self.length = 0
+        self.lost = 0
         self.partial = False
         self.max_header = max_header_bytes
         self.started = False  # any byte seen yet (TLS is only looked for at the stream start)
@@ -68,20 +74,17 @@ class MessageParser:
 
     def feed(self, buf: bytes, off: int, end: int, ts: float) -> None:
         """In-order stream bytes buf[off:end]."""
-        # Fast path: the middle of a body of known length.
-        if self.state == BODY and end - off < self.remaining:
-            n = end - off
-            self.remaining -= n
-            self.body += n
+        # Fast path: the middle of a body of known length (body_left is 0 in any other state).
+        if end - off < self.body_left:
+            self.body_left -= end - off
             return
         while off < end:
             state = self.state
             if state == BODY:
-                take = min(self.remaining, end - off)
-                self.remaining -= take
-                self.body += take
+                take = min(self.body_left, end - off)
+                self.body_left -= take
                 off += take
-                if not self.remaining:
+                if not self.body_left:
                     self._end_message(ts)
             elif state == HEAD:
                 off = self._feed_head(buf, off, end, ts)
@@ -108,13 +111,16 @@ class MessageParser:
         """`length` stream bytes were lost before the next `feed`."""
         state = self.state
         self.partial = True
-        if state in (BODY, CHUNK_DATA) and length <= self.remaining:
+        if state == BODY and length <= self.body_left:
+            self.body_left -= length
+            self.lost += length
+            if not self.body_left:
+                self._end_message(ts)
+            return
+        if state == CHUNK_DATA and length <= self.remaining:
             self.remaining -= length
             if not self.remaining:
-                if state == BODY:
-                    self._end_message(ts)
-                else:
-                    self.state = CHUNK_CRLF
+                self.state = CHUNK_CRLF
             return
         if state == UNTIL_CLOSE:
             return
@@ -298,7 +304,8 @@ class MessageParser:
         if chunked:
             self.state = CHUNK_SIZE
         elif length:
-            self.remaining = length
+            self.length = self.body_left = length
+            self.lost = 0
             self.state = BODY
         elif until_close and length is None:
             self.state = UNTIL_CLOSE
@@ -345,7 +352,12 @@ class MessageParser:
         self.state = RESYNC
 
     def _end_message(self, ts: float, complete: bool = True) -> None:
-        raise NotImplementedError
+        if self.state == BODY:
+            self.body = self.length - self.body_left - self.lost
+        self._sink_end(self.body, complete and not self.partial, ts)
+        self.body = self.body_left = self.remaining = 0
+        self.partial = False
+        self.state = HEAD
 
     def _on_head(self, head: bytes, ts: float) -> None:
         raise NotImplementedError
@@ -405,13 +417,6 @@ class RequestParser(MessageParser):
             chunked=chunked, expect_continue=expect_continue, headers=tuple(kept)))
         self.partial = False
         self._start_body(length, chunked, until_close=False, ts=ts)
-
-    def _end_message(self, ts: float, complete: bool = True) -> None:
-        self.sink.request_end(self.body, complete and not self.partial, ts)
-        self.body = 0
-        self.remaining = 0
-        self.partial = False
-        self.state = HEAD
 
     # -- TLS ------------------------------------------------------------------------------
 
@@ -489,13 +494,6 @@ class ResponseParser(MessageParser):
             self.state = OPAQUE
         else:
             self._start_body(length, chunked, until_close=True, ts=ts)
-
-    def _end_message(self, ts: float, complete: bool = True) -> None:
-        self.sink.response_end(self.body, complete and not self.partial, ts)
-        self.body = 0
-        self.remaining = 0
-        self.partial = False
-        self.state = HEAD
 
     def _start_tls(self, buf: bytes, off: int, end: int, ts: float) -> int:
         self.state = OPAQUE

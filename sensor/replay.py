@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,18 @@ def open_captures(paths: Sequence[str], warnings: list[str]) -> list[CaptureRead
     return readers
 
 
+def _reporting(reader: CaptureReader, progress: Callable[[int, int, float], None],
+               done_before: int, total: int, started: float) -> Iterator[tuple[float, int, bytes]]:
+    """The reader's frames, calling `progress` every PROGRESS_EVERY of them."""
+    countdown = PROGRESS_EVERY
+    for frame in reader:
+        yield frame
+        countdown -= 1
+        if not countdown:
+            countdown = PROGRESS_EVERY
+            progress(done_before + reader.bytes_read, total, time.monotonic() - started)
+
+
 def run_replay(paths: Sequence[str], config: SensorConfig, db_path: Path,
                progress: Callable[[int, int, float], None] | None = None,
                extra_sinks: Sequence[Any] = (),
@@ -136,16 +148,10 @@ def run_replay(paths: Sequence[str], config: SensorConfig, db_path: Path,
     try:
         for reader in readers:
             with reader:
-                packet = engine.packet
-                countdown = PROGRESS_EVERY
-                for ts, linktype, buf in reader:
-                    packet(ts, linktype, buf)
-                    if progress is not None:
-                        countdown -= 1
-                        if not countdown:
-                            countdown = PROGRESS_EVERY
-                            progress(done_before + reader.bytes_read, total,
-                                     time.monotonic() - started)
+                if progress is None:
+                    engine.run(reader)
+                else:
+                    engine.run(_reporting(reader, progress, done_before, total, started))
                 done_before += reader.size
     except KeyboardInterrupt:
         interrupted = True

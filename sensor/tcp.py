@@ -38,7 +38,7 @@ class Half:
     """One direction of a flow: reassembly state and the parser it feeds."""
 
     __slots__ = ("flow", "peer", "parser", "next_seq", "isn_seen", "held", "held_bytes",
-                 "fin_seq", "closed", "last_buf", "last_seq", "last_off", "last_end")
+                 "fin_seq", "closed", "last", "seen")
 
     def __init__(self, flow: Flow, parser) -> None:
         self.flow = flow
@@ -50,11 +50,10 @@ class Half:
         self.held_bytes = 0
         self.fin_seq: int | None = None
         self.closed = False
-        # The most recently delivered segment, kept by reference to check retransmissions.
-        self.last_buf = b""
-        self.last_seq = 0
-        self.last_off = 0
-        self.last_end = 0
+        # The most recently delivered segment, kept by reference to check retransmissions:
+        # (seq, buf, payload start, payload end).
+        self.last: tuple[int, bytes, int, int] = (0, b"", 0, 0)
+        self.seen = 0.0  # packet time of the latest segment in this direction
 
     def segment(self, seq: int, flags: int, buf: bytes, off: int, end: int, ts: float) -> None:
         """A segment travelling in this direction (payload buf[off:end])."""
@@ -87,22 +86,20 @@ class Half:
 
     def _deliver(self, seq: int, buf: bytes, off: int, end: int, ts: float) -> None:
         self.next_seq = (seq + end - off) & SEQ_MASK
-        self.last_buf = buf
-        self.last_seq = seq
-        self.last_off = off
-        self.last_end = end
+        self.last = (seq, buf, off, end)
         self.parser.feed(buf, off, end, ts)
 
     def _overlap(self, seq: int, buf: bytes, off: int, end: int, ts: float) -> None:
         """A segment starting before next_seq: compare what was seen, deliver what is new."""
         behind = -seq_diff(seq, self.next_seq)
         # Compare with the last delivered segment where the two overlap.
-        last_len = self.last_end - self.last_off
-        rel = seq_diff(seq, self.last_seq)
+        last_seq, last_buf, last_off, last_end = self.last
+        last_len = last_end - last_off
+        rel = seq_diff(seq, last_seq)
         lo = max(rel, 0)
         hi = min(rel + (end - off), last_len)
         if hi > lo:
-            old = self.last_buf[self.last_off + lo:self.last_off + hi]
+            old = last_buf[last_off + lo:last_off + hi]
             new = buf[off + lo - rel:off + hi - rel]
             if old != new:
                 self.flow.anomaly("overlap-mismatch",
@@ -210,7 +207,7 @@ class Half:
 class Flow:
     """One TCP connection: its two halves and the conversation they feed."""
 
-    __slots__ = ("info", "conv", "client", "server", "last_ts", "budget", "max_held",
+    __slots__ = ("info", "conv", "client", "server", "budget", "max_held",
                  "sink", "midstream", "table_key")
 
     def __init__(self, info: FlowInfo, conv, key: bytes, budget: ReassemblyBudget,
@@ -221,12 +218,16 @@ class Flow:
         self.server = Half(self, ResponseParser(conv, max_header))
         self.client.peer = self.server
         self.server.peer = self.client
-        self.last_ts = 0.0
         self.budget = budget
         self.max_held = max_held
         self.sink = sink  # counters owner (the engine)
         self.midstream = False
         self.table_key: tuple = ()
+
+    @property
+    def last_ts(self) -> float:
+        """Packet time of the flow's latest segment."""
+        return max(self.client.seen, self.server.seen)
 
     def anomaly(self, kind: str, detail: str, ts: float) -> None:
         self.conv.anomaly(kind, detail, ts)
@@ -244,7 +245,7 @@ class Flow:
     def packet(self, half: Half, seq: int, ack: int, flags: int, buf: bytes, off: int, end: int,
                ts: float) -> bool:
         """Process one segment of this flow; True when the flow has ended."""
-        self.last_ts = ts
+        half.seen = ts
         if flags & RST:
             self.close(ts)
             return True
