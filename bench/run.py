@@ -36,6 +36,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -112,19 +113,30 @@ def run_sensor(pcap: Path, runs: int) -> dict:
                   "findings": summary["findings"], "found": found}
 
 
-def run_bare(pcap: Path, runs: int) -> dict:
-    cmd = [sys.executable, str(common.BENCH / "bare_loop.py"), str(pcap)]
-    out = OUT / "bare-loop.json"
+def timed_runs(cmd: list, runs: int, stdout: Path | None = None,
+               before: Callable[[], None] | None = None) -> dict:
+    """Run `cmd` `runs` times; its times, CPU times and peak RSS, or an error."""
     times, cpu, rss = [], [], []
     for _ in range(runs):
-        m = measure(cmd, stdout=out)
+        if before is not None:
+            before()
+        m = measure(cmd, stdout=stdout) if stdout is not None else measure(cmd)
         if m["returncode"]:
             return {"command": cmd, "error": f"exit {m['returncode']}: {m['stderr_tail']}"}
         times.append(m["seconds"])
         cpu.append(m["cpu_seconds"])
         rss.append(m["rss_kib"])
+    return {"command": cmd, "times": times, "cpu": cpu, "rss_kib": rss}
+
+
+def run_bare(pcap: Path, runs: int) -> dict:
+    cmd = [sys.executable, str(common.BENCH / "bare_loop.py"), str(pcap)]
+    out = OUT / "bare-loop.json"
+    timed = timed_runs(cmd, runs, stdout=out)
+    if "error" in timed:
+        return timed
     doc = json.loads(out.read_text())
-    return {"command": cmd, "times": times, "cpu": cpu, "rss_kib": rss,
+    return {**timed,
             "packets_seen": doc["packets"],
             "internal_seconds": [doc["seconds"]]}
 
@@ -141,16 +153,13 @@ def run_suricata(pcap: Path, runs: int, depth: str, name: str) -> dict:
     logdir = work / "log"
     cmd = [exe, "-c", str(yaml), "-r", str(pcap), "--runmode", "single", "-k", "none",
            "-S", "/dev/null", "-l", str(logdir)]
-    times, cpu, rss = [], [], []
-    for _ in range(runs):
+    def fresh_logdir() -> None:
         shutil.rmtree(logdir, ignore_errors=True)
         logdir.mkdir()
-        m = measure(cmd)
-        if m["returncode"]:
-            return {"command": cmd, "error": f"exit {m['returncode']}: {m['stderr_tail']}"}
-        times.append(m["seconds"])
-        cpu.append(m["cpu_seconds"])
-        rss.append(m["rss_kib"])
+
+    timed = timed_runs(cmd, runs, before=fresh_logdir)
+    if "error" in timed:
+        return timed
     found: Counter = Counter()
     with open(logdir / "eve.json") as fh:
         for line in fh:
@@ -158,7 +167,7 @@ def run_suricata(pcap: Path, runs: int, depth: str, name: str) -> dict:
             if ev.get("event_type") == "http":
                 h = ev["http"]
                 found[(h.get("http_method"), h.get("url"), h.get("status"))] += 1
-    return {"command": cmd, "times": times, "cpu": cpu, "rss_kib": rss, "found": found,
+    return {**timed, "found": found,
             "transactions": sum(found.values()), "config": str(yaml)}
 
 
@@ -171,14 +180,9 @@ def run_tshark(pcap: Path, runs: int) -> dict:
            "-Y", "http.request || http.response", "-T", "fields", "-E", "separator=/t",
            "-E", "occurrence=a", "-E", "aggregator=|", "-e", "frame.number", "-e", "tcp.stream",
            "-e", "http.request.method", "-e", "http.request.uri", "-e", "http.response.code"]
-    times, cpu, rss = [], [], []
-    for _ in range(runs):
-        m = measure(cmd, stdout=out)
-        if m["returncode"]:
-            return {"command": cmd, "error": f"exit {m['returncode']}: {m['stderr_tail']}"}
-        times.append(m["seconds"])
-        cpu.append(m["cpu_seconds"])
-        rss.append(m["rss_kib"])
+    timed = timed_runs(cmd, runs, stdout=out)
+    if "error" in timed:
+        return timed
     # Pair responses with requests in order on each TCP stream (HTTP/1.1 semantics); a frame
     # may carry several messages (pipelining), listed with the aggregator.
     queues: dict[str, deque] = defaultdict(deque)
@@ -201,23 +205,18 @@ def run_tshark(pcap: Path, runs: int) -> dict:
     for q in queues.values():
         for method, uri in q:
             found[(method, uri, None)] += 1
-    return {"command": cmd, "times": times, "cpu": cpu, "rss_kib": rss, "found": found,
+    return {**timed, "found": found,
             "transactions": requests}
 
 
 def run_scapy(pcap: Path, runs: int) -> dict:
     cmd = [sys.executable, str(common.BENCH / "scapy_http.py"), str(pcap)]
     out = OUT / "scapy.json"
-    times, cpu, rss = [], [], []
-    for _ in range(runs):
-        m = measure(cmd, stdout=out)
-        if m["returncode"]:
-            return {"command": cmd, "error": f"exit {m['returncode']}: {m['stderr_tail']}"}
-        times.append(m["seconds"])
-        cpu.append(m["cpu_seconds"])
-        rss.append(m["rss_kib"])
+    timed = timed_runs(cmd, runs, stdout=out)
+    if "error" in timed:
+        return timed
     doc = json.loads(out.read_text())
-    return {"command": cmd, "times": times, "cpu": cpu, "rss_kib": rss,
+    return {**timed,
             "packets_seen": doc["packets"],
             "requests": doc["requests"], "statuses": doc["statuses"],
             "transactions": len(doc["requests"])}

@@ -18,6 +18,19 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 
 
+def refuse_non_loopback(monkeypatch) -> None:
+    """Make any connection to an address other than loopback fail the test at once."""
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to connect to {host!r}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (at the moment of asking)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
 
 import apprise
 import pytest
-from alert_receivers import HttpReceiver
+from alert_receivers import HttpReceiver, refuse_non_loopback
 
 from sensor.records import Finding
 from sensor.sinks.alert_config import AlertsConfig, AlertTarget, check_apprise_url
@@ -41,15 +40,7 @@ DESCRIPTION = ("A client sent an HTTP Basic credential (username and password, b
 @pytest.fixture
 def loopback_only(monkeypatch):
     """Fail the test if anything tries to connect anywhere but 127.0.0.1."""
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"test tried to connect to {host!r}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
+    refuse_non_loopback(monkeypatch)
 
 
 def finding(username=HOSTILE, repository="team/app", **kw) -> Finding:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 
 import pytest
-from alert_receivers import HttpReceiver, free_port, wait_for
+from alert_receivers import HttpReceiver, free_port, refuse_non_loopback, wait_for
 
 from sensor.records import Finding
 from sensor.sinks.alert_config import AlertsConfig, AlertTarget
@@ -20,15 +19,8 @@ from sensor.sinks.alerts import AlertSink, SeverityQueue
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"test tried to connect to {host!r}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
+    """Nothing in these tests may connect anywhere but loopback."""
+    refuse_non_loopback(monkeypatch)
 
 
 def finding(i=0, severity="high", rule="plaintext-basic-auth", count=1) -> Finding:
