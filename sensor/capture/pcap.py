@@ -291,6 +291,8 @@ class CaptureReader:
                     if incl > maxlen:
                         self._warn(pos, f"corrupt record (captured length {incl})", n)
                         return
+                    self.bytes_read = pos
+                    self.packets = n
                     buf, base = get(pos, 16 + incl)
                     blen = len(buf)
                     rel = pos - base
@@ -367,6 +369,8 @@ class CaptureReader:
                     if blk > maxlen + 64:
                         self._warn(pos, f"corrupt block (type {btype:#x}, length {blk})", n)
                         return
+                    self.bytes_read = pos
+                    self.packets = n
                     buf, base = get(pos, blk)
                     blen = len(buf)
                     rel = pos - base
