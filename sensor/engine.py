@@ -19,10 +19,19 @@ from .records import Anomaly, Finding, FlowInfo, FlowKey, Transaction
 from .tcp import SEQ_MASK, Flow, Half, ReassemblyBudget
 from .txn import Conversation
 
-# Ethernet type, then an IPv4 header and the TCP header up to its flags, read in one call for
+# Ethernet type, then the IPv4 and TCP header fields the fast path needs, read in one call for
 # the frames that make up nearly all registry traffic: untagged Ethernet, IPv4 without options.
-_ETH_IPV4_TCP = Struct("!HBxH2xHxB2x4s4sHHIIH").unpack_from
+# The addresses and ports are not unpacked: bytes 26-37 of such a frame (source address,
+# destination address, source port, destination port) are the flow table's key as they are.
+_ETH_IPV4_TCP = Struct("!HBxH2xHxB2x8x4xI4xH").unpack_from
 _ETH_IPV4_TCP_LEN = 12 + 36
+_PORTS = Struct("!HH").pack
+
+
+def flow_key(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """The flow table's key for one direction: addresses then ports, as they sit on the wire."""
+    return src + dst + _PORTS(sport, dport)
+
 _ETH_IPV4 = 0x0800
 _IPV4_NO_OPTIONS = 0x45
 _IPV4_TCP = 6
@@ -53,7 +62,7 @@ class Engine:
         self.out = out
         self.decoder = Decoder()
         # (src ip, src port, dst ip, dst port) → the Half of the flow that direction feeds
-        self.flows: dict[tuple, Half] = {}
+        self.flows: dict[bytes, Half] = {}
         self.budget = ReassemblyBudget(settings.max_held_total)
         self.packets = 0
         self.bytes = 0
@@ -95,12 +104,11 @@ class Engine:
                     self.last_ts = ts
                     self.expire(ts)
                 if linktype == LINKTYPE_ETHERNET and n >= _ETH_IPV4_TCP_LEN:
-                    (etype, vihl, total, frag, proto, src, dst, sport, dport, seq, _ack,
-                     offflags) = _ETH_IPV4_TCP(buf, 12)
+                    etype, vihl, total, frag, proto, seq, offflags = _ETH_IPV4_TCP(buf, 12)
                     if (etype == _ETH_IPV4 and vihl == _IPV4_NO_OPTIONS and proto == _IPV4_TCP
                             and offflags & _FLAG_MASK == _PLAIN_ACK and not frag & _FRAGMENTED
                             and 14 + total <= n):
-                        half = flows_get((src, sport, dst, dport))
+                        half = flows_get(buf[26:38])
                         if half is not None:
                             peer = half.peer
                             if not peer.held and peer.fin_seq is None:
@@ -131,7 +139,7 @@ class Engine:
         if seg is None:
             return
         src, dst, sport, dport, seq, ack, flags, off, end = seg
-        half = self.flows.get((src, sport, dst, dport))
+        half = self.flows.get(flow_key(src, dst, sport, dport))
         if half is None or (flags & SYN and not flags & ACK and half is half.flow.client
                             and _is_new_connection(half.flow, seq)):
             if half is not None:
@@ -170,15 +178,15 @@ class Engine:
                     self)
         flow.client.seen = flow.server.seen = ts
         flow.table_key = (client, cport, server, sport_)
-        self.flows[(client, cport, server, sport_)] = flow.client
-        self.flows[(server, sport_, client, cport)] = flow.server
+        self.flows[flow_key(client, server, cport, sport_)] = flow.client
+        self.flows[flow_key(server, client, sport_, cport)] = flow.server
         self.flows_seen += 1
         return flow.client if from_client else flow.server
 
     def _end_flow(self, flow: Flow, ts: float) -> None:
         flow.close(ts)
         client, cport, server, sport = flow.table_key
-        for key in ((client, cport, server, sport), (server, sport, client, cport)):
+        for key in (flow_key(client, server, cport, sport), flow_key(server, client, sport, cport)):
             half = self.flows.get(key)
             if half is not None and half.flow is flow:
                 del self.flows[key]
