@@ -96,7 +96,8 @@ def _finding_line(f: Finding) -> str:
 def cmd_replay(args: argparse.Namespace, config: SensorConfig) -> int:
     db_path = config.database_path(args.db)
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.json else None
-    summary, findings = run_replay(args.pcap, config, db_path, progress=bar, alert=args.alert)
+    summary, findings = run_replay(args.pcap, config, db_path, progress=bar, alert=args.alert,
+                                   workers=args.workers)
     if bar is not None:
         bar.clear()
     if args.json:
@@ -113,7 +114,8 @@ def cmd_replay(args: argparse.Namespace, config: SensorConfig) -> int:
                       f"registry-sensor events --db {db_path}\n")
     else:
         out.write("findings: none\n")
-    out.write(f"files:        {len(summary['files'])} ({summary['bytes']:,} bytes of packets)\n")
+    out.write(f"files:        {len(summary['files'])} ({summary['bytes']:,} bytes of packets)"
+              + (f", {summary['workers']} workers\n" if "workers" in summary else "\n"))
     out.write(f"packets:      {summary['packets']:,} ({summary['tcp_packets']:,} TCP)\n")
     skipped = summary["skipped"]
     if skipped:
@@ -243,6 +245,14 @@ def cmd_rules(args: argparse.Namespace, config: SensorConfig) -> int:
 
 # -- main -------------------------------------------------------------------------------------
 
+def _workers(text: str) -> int:
+    from .config import MAX_WORKERS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of processes, 1 to {MAX_WORKERS}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="registry-sensor",
@@ -260,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--alert", action="store_true",
                         help="also send findings to the configured alert targets (off by "
                              "default: a forensic replay is quiet)")
+    replay.add_argument("--workers", type=_workers, default=1, metavar="N",
+                        help="replay the files in parallel in N processes, each file through "
+                             "its own engine: a connection that continues into the next "
+                             "rotated file is split in two, and rule thresholds count within "
+                             "a file; --alert alerts from the parent, once for the run "
+                             "(default 1: one engine reads the files in order)")
 
     events = sub.add_parser("events", help="show recorded findings")
     events.add_argument("--db", help="SQLite database (default: under the state directory)")
@@ -291,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--db", help="SQLite database (default: under the state directory)")
     live.add_argument("--capture", choices=("ring", "recv"),
                       help="capture mechanism (default: live.capture, ring)")
+    live.add_argument("--workers", type=_workers, metavar="N",
+                      help="capture processes, flows spread over them by the kernel "
+                           "(PACKET_FANOUT_HASH); rule windows are then per worker "
+                           "(default: live.workers, 1)")
 
     status = sub.add_parser("status", help="show the live sensor's latest capture statistics")
     status.add_argument("--db", help="SQLite database (default: under the state directory)")
@@ -304,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_live(args: argparse.Namespace, config: SensorConfig) -> int:
     from .daemon import run_live
 
-    return run_live(config, args.config, args.interface or (), args.db, args.capture)
+    return run_live(config, args.config, args.interface or (), args.db, args.capture,
+                    workers=args.workers)
 
 
 def cmd_status(args: argparse.Namespace, config: SensorConfig) -> int:
@@ -314,10 +335,13 @@ def cmd_status(args: argparse.Namespace, config: SensorConfig) -> int:
     try:
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         conn.row_factory = sqlite3.Row
+        by_worker = any(r[1] == "worker" for r in conn.execute("PRAGMA table_info(stats)"))
+        same_worker = "AND s2.worker IS stats.worker " if by_worker else ""
         rows = [dict(r) for r in conn.execute(
             "SELECT * FROM stats WHERE started = (SELECT max(started) FROM stats) "
             "AND ts = (SELECT max(ts) FROM stats s2 WHERE s2.interface = stats.interface "
-            "AND s2.started = stats.started) ORDER BY interface")]
+            f"{same_worker}AND s2.started = stats.started) ORDER BY interface"
+            + (", worker" if by_worker else ""))]
         loss = conn.execute("SELECT ts, title FROM events WHERE rule = 'capture-loss' "
                             "ORDER BY ts DESC LIMIT 1").fetchone()
         conn.close()
@@ -331,21 +355,29 @@ def cmd_status(args: argparse.Namespace, config: SensorConfig) -> int:
         sys.stdout.write(f"{db_path}: no stats yet (registry-sensor live writes them)\n")
         return 0
     out = sys.stdout
-    first = rows[0]
+    first = dict(rows[0])
+    workers = {r.get("worker"): r for r in rows}  # with live.workers > 1, counters per worker
+    for key in ("packets", "bytes", "flows_open", "flows", "transactions", "findings",
+                "anomalies", "rss_bytes"):
+        first[key] = sum(r[key] or 0 for r in workers.values())
+    first["ts"] = max(r["ts"] for r in rows)
     age = time.time() - first["ts"]
     out.write(f"sensor started {_fmt_ts(first['started'])}, last stats {_fmt_ts(first['ts'])} "
               f"({age:,.0f} s ago)\n")
     for r in rows:
         received, dropped = r["kernel_received"] or 0, r["kernel_dropped"] or 0
         share = f" ({100 * dropped / received:.2f}%)" if received else ""
-        out.write(f"{r['interface']}: {r['mechanism']} capture, kernel received {received:,}, "
+        worker = "" if r.get("worker") is None else f" (worker {r['worker']})"
+        out.write(f"{r['interface']}{worker}: {r['mechanism']} capture, kernel received "
+                  f"{received:,}, "
                   f"dropped {dropped:,}{share}\n")
     out.write(f"packets:      {first['packets']:,} ({first['bytes']:,} bytes)\n")
     out.write(f"flows:        {first['flows_open']:,} open, {first['flows']:,} in all\n")
     out.write(f"transactions: {first['transactions']:,}\n")
     out.write(f"findings:     {first['findings']:,}\n")
     out.write(f"anomalies:    {first['anomalies']:,}\n")
-    out.write(f"memory:       {first['rss_bytes'] / 1e6:,.1f} MB resident\n")
+    out.write(f"memory:       {first['rss_bytes'] / 1e6:,.1f} MB resident"
+              + (f" ({len(workers)} workers)\n" if len(workers) > 1 else "\n"))
     if loss is not None:
         out.write(f"last capture loss: {_fmt_ts(loss['ts'])} {loss['title']}\n")
     return 0

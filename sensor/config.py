@@ -47,7 +47,10 @@ class LiveConfig:
     flush_interval: float = 1.0  # seconds between SQLite commits
     user: str = "registry-sensor"  # started as root: drop to this user once sockets are open
     watchdog: bool = True  # answer systemd's WatchdogSec= with WATCHDOG=1 pings
+    workers: int = 1  # capture processes, flows spread by PACKET_FANOUT_HASH; --workers overrides
 
+
+MAX_WORKERS = 64  # live.workers, --workers
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
                "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -99,6 +102,12 @@ def parse_live(path: str, node: Any) -> LiveConfig:
         elif key == "user":
             if not isinstance(value, str) or not value or ":" in value:
                 raise _error(path, node, where, "must be a user name")
+            args[key] = value
+        elif key == "workers":
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    1 <= value <= MAX_WORKERS):
+                raise _error(path, node, where, f"{value!r} must be a number of processes "
+                                                f"(1 to {MAX_WORKERS})")
             args[key] = value
     return LiveConfig(**args)
 

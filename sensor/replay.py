@@ -2,7 +2,8 @@
 
 Files are checked before any is read (a file that is not a capture stops the run with a
 ConfigError-style one-line message), then replayed in order through one engine, so a flow that
-continues from one rotated file into the next stays one flow.
+continues from one rotated file into the next stays one flow. With `--workers N` the files are
+replayed in parallel instead, one engine per file (sensor/replay_workers.py).
 """
 
 from __future__ import annotations
@@ -120,12 +121,19 @@ def _reporting(reader: CaptureReader, progress: Callable[[int, int, float], None
 def run_replay(paths: Sequence[str], config: SensorConfig, db_path: Path,
                progress: Callable[[int, int, float], None] | None = None,
                extra_sinks: Sequence[Any] = (),
-               alert: bool = False) -> tuple[dict[str, Any], list[Finding]]:
+               alert: bool = False, workers: int = 1) -> tuple[dict[str, Any], list[Finding]]:
     """Replay the captures; return the summary and the findings.
+
+    With `workers` > 1 and several files, the files are replayed in parallel, each through an
+    engine of its own (sensor.replay_workers: flows that continue across files are split).
 
     With `alert`, findings also go to the configured apprise targets (sinks.alerts, its own
     thread); the run drains them within alerts.drain_timeout and reports in summary["alerts"].
     """
+    if workers > 1 and len(paths) > 1:
+        from .replay_workers import run_parallel_replay
+
+        return run_parallel_replay(paths, config, db_path, workers, progress, extra_sinks, alert)
     warnings: list[str] = []
     detector = build_detector(config)
     alert_sink = build_alert_sink(config, detector, db_path) if alert else None

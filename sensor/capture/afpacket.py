@@ -20,6 +20,15 @@ The default is the ring: see the README ("capture mechanism") for the measuremen
 `stats()` reads PACKET_STATISTICS (the kernel resets it on every read) and returns the totals
 since the socket was opened: frames that passed the filter (dropped ones included) and frames the
 kernel dropped because the buffer or ring was full.
+
+With `live.workers` > 1, each worker process has its own socket per interface, all of them
+members of one PACKET_FANOUT group per interface in PACKET_FANOUT_HASH mode: the kernel picks the
+member from a flow hash that is symmetric (the flow dissector's hash with the addresses and ports
+put in a canonical order), so both directions of a TCP connection reach the same worker. Such a
+socket is made `paused` (a filter that accepts nothing) until every member has joined, so no
+frame is seen twice while the group forms; set_ports() then attaches the real filter. (The
+first fragment of a fragmented IPv4 segment carries no ports the hash can use, so it may reach
+another worker than its connection; later fragments are dropped by the filter anyway.)
 """
 
 from __future__ import annotations
@@ -42,7 +51,10 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_VERSION = 10
+PACKET_FANOUT = 18
 PACKET_IGNORE_OUTGOING = 23
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000  # the kernel picks an unused group id (Linux 4.15+)
 PACKET_MR_PROMISC = 1
 TPACKET_V3 = 2
 TP_STATUS_KERNEL = 0
@@ -271,7 +283,8 @@ class AfPacketSource:
 
     def __init__(self, interface: str, ports: Iterable[int], *, promiscuous: bool = True,
                  buffer_bytes: int = 64 << 20, mechanism: str = "ring",
-                 snaplen: int = DEFAULT_SNAPLEN, block_bytes: int = 1 << 20) -> None:
+                 snaplen: int = DEFAULT_SNAPLEN, block_bytes: int = 1 << 20,
+                 paused: bool = False) -> None:
         if mechanism not in ("ring", "recv"):
             raise ValueError(f"unknown capture mechanism {mechanism!r}")
         self.interface = interface
@@ -286,6 +299,7 @@ class AfPacketSource:
         self._ring: mmap.mmap | None = None
         self._block = 0
         self._stats_size = 12 if mechanism == "ring" else 8
+        self.fanout_group: int | None = None
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # receives nothing yet
         except PermissionError:
@@ -306,7 +320,7 @@ class AfPacketSource:
                 sock = self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
                 self.linktype = LINKTYPE_RAW
             self.filter = compile_port_filter(ports, self.linktype, snaplen)
-            attach_filter(sock, self.filter)
+            attach_filter(sock, [(BPF_RET_K, 0, 0, 0)] if paused else self.filter)
             if hatype == ARPHRD_LOOPBACK:  # every frame would show up twice
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             if mechanism == "ring":
@@ -429,6 +443,19 @@ class AfPacketSource:
         if index != self.ifindex:
             raise CaptureError(f"{self.interface}: the interface was replaced (index "
                                f"{self.ifindex} -> {index}): a restart binds to the new one")
+
+    def join_fanout(self, group: int | None = None) -> int:
+        """Join PACKET_FANOUT group `group` in hash mode (None: a new group, its id picked by
+        the kernel; 0 is a valid id); returns the group id, for the other members to join.
+        Needs a bound socket."""
+        if group is not None:
+            self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_HASH << 16)
+        else:
+            self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT,
+                                 (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+            group = self.sock.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
+        self.fanout_group = group
+        return group
 
     def set_ports(self, ports: Iterable[int]) -> None:
         """Re-attach the filter for a new set of ports (no privilege needed)."""

@@ -2,18 +2,36 @@
 
 Rows are batched and committed together; the file (and its WAL) is created with mode 0600.
 Column names are an interface: people write queries and dashboards against them.
+
+Several processes may write to one database (`live --workers`, `replay --workers`): the schema is
+created once, by the parent, before they start (`open_database`); each writer commits a batch
+in one `BEGIN IMMEDIATE` transaction, so it waits for the write lock (busy timeout) instead of
+failing when a read snapshot goes stale, and retries a batch that still met SQLITE_BUSY.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+# sqlite-utils imports numpy when it is installed, only to store numpy values (the sensor has
+# none); numpy's OpenBLAS then starts a thread (the live supervisor forks its workers after
+# this import) and calls mbind(2), which the unit's SystemCallFilter refuses. So not here.
+_numpy_blocked = "numpy" not in sys.modules
+if _numpy_blocked:
+    sys.modules["numpy"] = None  # type: ignore[assignment]  # `import numpy` -> ImportError
+try:
+    import sqlite_utils
+finally:
+    if _numpy_blocked:
+        del sys.modules["numpy"]
 
-from ..records import Anomaly, Finding, Transaction
+from ..records import Anomaly, Finding, Transaction  # noqa: E402
 
 TRANSACTION_COLUMNS: dict[str, type] = {
     "ts": float, "flow_id": int, "community_id": str, "src_ip": str, "src_port": int,
@@ -42,7 +60,10 @@ STATS_COLUMNS: dict[str, type] = {
     "kernel_received": int, "kernel_dropped": int,
     "packets": int, "bytes": int, "flows_open": int, "flows": int, "transactions": int,
     "findings": int, "anomalies": int, "rss_bytes": int,
+    "worker": int,  # with live.workers > 1: the worker process (counters are per worker)
 }
+BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another one's commit
+BUSY_RETRIES = 5  # then a batch that met SQLITE_BUSY anyway is tried again this many times
 
 
 def transaction_row(t: Transaction) -> dict[str, Any]:
@@ -94,8 +115,13 @@ def create_private_file(path: Path) -> None:
         os.chmod(path, 0o600)
 
 
-def open_database(path: Path) -> sqlite_utils.Database:
-    """The database at `path`, created private, in WAL mode, with the tables in place."""
+def open_database(path: Path, create: bool = True) -> sqlite_utils.Database:
+    """The database at `path`, created private, in WAL mode, with the tables in place.
+    With create=False (a worker: its parent made the schema) it is only opened."""
+    if not create:
+        db = sqlite_utils.Database(path)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return db
     create_private_file(path)
     old_umask = os.umask(0o077)  # the -wal and -shm files follow the database's mode too
     try:
@@ -103,6 +129,7 @@ def open_database(path: Path) -> sqlite_utils.Database:
         db.enable_wal()
     finally:
         os.umask(old_umask)
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     for name, columns in (("transactions", TRANSACTION_COLUMNS), ("events", EVENT_COLUMNS),
                           ("anomalies", ANOMALY_COLUMNS), ("stats", STATS_COLUMNS)):
         table = db.table(name)
@@ -122,9 +149,9 @@ def open_database(path: Path) -> sqlite_utils.Database:
 class SqliteSink:
     """Receives records from the engine and writes them in batches."""
 
-    def __init__(self, path: Path, batch: int = 1000) -> None:
+    def __init__(self, path: Path, batch: int = 1000, create: bool = True) -> None:
         self.path = path
-        self.db = open_database(path)
+        self.db = open_database(path, create)
         self.batch = batch
         self.pending: dict[str, list[dict[str, Any]]] = {
             "transactions": [], "events": [], "anomalies": [], "stats": []}
@@ -154,11 +181,27 @@ class SqliteSink:
         """Commit every pending row in one transaction."""
         if not self.pending_rows:
             return
-        with self.db.conn:
-            for table, rows in self.pending.items():
-                if rows:
-                    self.db.table(table).insert_all(rows, batch_size=500)
-                    rows.clear()
+        conn = self.db.conn
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")  # the write lock now, waiting for it if need be
+                try:
+                    for table, rows in self.pending.items():
+                        if rows:
+                            self.db.table(table).insert_all(rows, batch_size=500)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                break
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or attempt == BUSY_RETRIES:
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
+        for rows in self.pending.values():
+            rows.clear()
         self.written += self.pending_rows
         self.pending_rows = 0
 
