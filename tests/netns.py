@@ -49,6 +49,22 @@ def missing_tools(*tools: str) -> list[str]:
     return [t for t in tools if shutil.which(t, path=SAFE_PATH) is None]
 
 
+@contextlib.contextmanager
+def replay_wire(tag: str):
+    """Two namespaces joined by a veth pair (tx: rp0, rx: rp1) for tcpreplay into a live sensor;
+    yields (lab, tx, rx) and tears everything down afterwards."""
+    missing = missing_tools("ip", "tcpreplay", "setpriv", "unshare", "ethtool")
+    if missing:
+        raise AssertionError(f"missing tools (scripts/test installs them): {', '.join(missing)}")
+    lab = Lab(tag)
+    try:
+        tx, rx = lab.netns("tx"), lab.netns("rx")
+        lab.veth(tx, "rp0", rx, "rp1", mtu=65535)  # the loopback captures hold 6.5 KB frames
+        yield lab, tx, rx
+    finally:
+        lab.close()
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """No proxies, no REGISTRY_* overrides (docker-registry reads them as config)."""
     env = {k: v for k, v in os.environ.items()

@@ -17,7 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from netns import PASSWORD, REPO, Lab, missing_tools, sensor_command, sh, start_sensor, wait_for
+from netns import (
+    PASSWORD,
+    REPO,
+    Lab,
+    replay_wire,
+    sensor_command,
+    sh,
+    start_sensor,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: network namespaces, AF_PACKET")
@@ -36,16 +45,8 @@ live:
 
 @pytest.fixture
 def wire():
-    missing = missing_tools("ip", "tcpreplay", "setpriv", "unshare", "ethtool")
-    if missing:
-        pytest.fail(f"missing tools (scripts/test installs them): {', '.join(missing)}")
-    lab = Lab("t")
-    try:
-        tx, rx = lab.netns("tx"), lab.netns("rx")
-        lab.veth(tx, "rp0", rx, "rp1", mtu=65535)  # the loopback captures hold 6.5 KB frames
-        yield lab, tx, rx
-    finally:
-        lab.close()
+    with replay_wire("t") as made:
+        yield made
 
 
 def _replay(lab: Lab, tx: str, rx: str, name: str, capture: str, buffer: str) -> dict:

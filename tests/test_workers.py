@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PCAPS, SAMPLE_CAPTURES, run_cli
-from netns import Lab, missing_tools, sh, start_sensor, wait_for
+from netns import replay_wire, sh, start_sensor, wait_for
 
 from sensor.config import load_config
 from sensor.replay import run_replay
@@ -220,16 +220,8 @@ live:
 
 @pytest.fixture
 def wire():
-    missing = missing_tools("ip", "tcpreplay", "setpriv", "unshare", "ethtool")
-    if missing:
-        pytest.fail(f"missing tools (scripts/test installs them): {', '.join(missing)}")
-    lab = Lab("k")
-    try:
-        tx, rx = lab.netns("tx"), lab.netns("rx")
-        lab.veth(tx, "rp0", rx, "rp1", mtu=65535)  # the loopback captures hold 6.5 KB frames
-        yield lab, tx, rx
-    finally:
-        lab.close()
+    with replay_wire("k") as made:
+        yield made
 
 
 def _workers_of(pid: int) -> list[int]:
