@@ -25,13 +25,6 @@ from .txn import Conversation
 # destination address, source port, destination port) are the flow table's key as they are.
 _ETH_IPV4_TCP = Struct("!HBxH2xHxB2x8x4xI4xH").unpack_from
 _ETH_IPV4_TCP_LEN = 12 + 36
-_PORTS = Struct("!HH").pack
-
-
-def flow_key(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
-    """The flow table's key for one direction: addresses then ports, as they sit on the wire."""
-    return src + dst + _PORTS(sport, dport)
-
 _ETH_IPV4 = 0x0800
 _IPV4_NO_OPTIONS = 0x45
 _IPV4_TCP = 6
@@ -39,6 +32,12 @@ _FRAGMENTED = 0x3FFF
 # TCP flags byte masked with FIN|SYN|RST|ACK equal to ACK alone: an ordinary segment.
 _FLAG_MASK = 0x17
 _PLAIN_ACK = 0x10
+_PORTS = Struct("!HH").pack
+
+
+def flow_key(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """The flow table's key for one direction: addresses then ports, as they sit on the wire."""
+    return src + dst + _PORTS(sport, dport)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +60,7 @@ class Engine:
         self.detector = detector
         self.out = out
         self.decoder = Decoder()
-        # (src ip, src port, dst ip, dst port) → the Half of the flow that direction feeds
+        # flow_key(src, dst, sport, dport) → the Half of the flow that direction feeds
         self.flows: dict[bytes, Half] = {}
         self.budget = ReassemblyBudget(settings.max_held_total)
         self.packets = 0
@@ -111,7 +110,8 @@ class Engine:
                         half = flows_get(buf[26:38])
                         if half is not None:
                             peer = half.peer
-                            if not peer.held and peer.fin_seq is None:
+                            # an ACK matters to the other direction only while it has a hole
+                            if not peer.held and (peer.fin_seq is None or peer.closed):
                                 payload = total - 20 - ((offflags >> 10) & 0x3C)
                                 if payload == 0:
                                     half.seen = ts
