@@ -177,16 +177,16 @@ class Engine:
         flow = Flow(info, conv, self.key, self.budget, s.max_held_per_flow, s.max_header_bytes,
                     self)
         flow.client.seen = flow.server.seen = ts
-        flow.table_key = (client, cport, server, sport_)
-        self.flows[flow_key(client, server, cport, sport_)] = flow.client
-        self.flows[flow_key(server, client, sport_, cport)] = flow.server
+        flow.table_keys = (flow_key(client, server, cport, sport_),
+                           flow_key(server, client, sport_, cport))
+        self.flows[flow.table_keys[0]] = flow.client
+        self.flows[flow.table_keys[1]] = flow.server
         self.flows_seen += 1
         return flow.client if from_client else flow.server
 
     def _end_flow(self, flow: Flow, ts: float) -> None:
         flow.close(ts)
-        client, cport, server, sport = flow.table_key
-        for key in (flow_key(client, server, cport, sport), flow_key(server, client, sport, cport)):
+        for key in flow.table_keys:
             half = self.flows.get(key)
             if half is not None and half.flow is flow:
                 del self.flows[key]

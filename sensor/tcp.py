@@ -208,7 +208,7 @@ class Flow:
     """One TCP connection: its two halves and the conversation they feed."""
 
     __slots__ = ("info", "conv", "client", "server", "budget", "max_held",
-                 "sink", "midstream", "table_key")
+                 "sink", "midstream", "table_keys")
 
     def __init__(self, info: FlowInfo, conv, key: bytes, budget: ReassemblyBudget,
                  max_held: int, max_header: int, sink) -> None:
@@ -222,7 +222,7 @@ class Flow:
         self.max_held = max_held
         self.sink = sink  # counters owner (the engine)
         self.midstream = False
-        self.table_key: tuple = ()
+        self.table_keys: tuple[bytes, bytes] = (b"", b"")  # its two entries in the flow table
 
     @property
     def last_ts(self) -> float:
