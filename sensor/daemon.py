@@ -168,6 +168,20 @@ def rss_bytes() -> int:
 
 # -- the daemon -------------------------------------------------------------------------------
 
+class SignalFlags:
+    """What the signal handlers set, for the loop to act on: why to stop, whether to reload."""
+
+    stop_reason: str | None = None
+    reload_requested: bool = False
+
+    def _on_stop(self, signum: int, _frame: Any) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = signal.Signals(signum).name
+
+    def _on_hup(self, _signum: int, _frame: Any) -> None:
+        self.reload_requested = True
+
+
 @dataclass
 class _IfaceState:
     last: KernelStats
@@ -175,7 +189,7 @@ class _IfaceState:
     last_drop: float | None = None  # wall-clock time of the last interval with drops
 
 
-class LiveSensor:
+class LiveSensor(SignalFlags):
     """The packet loop and its housekeeping. `sources` need fileno(), read(), stats()."""
 
     def __init__(self, config: SensorConfig, config_path: str | None, sources: list,
@@ -206,13 +220,6 @@ class LiveSensor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
-
-    def _on_stop(self, signum: int, _frame: Any) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = signal.Signals(signum).name
-
-    def _on_hup(self, _signum: int, _frame: Any) -> None:
-        self.reload_requested = True
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from .capture.afpacket import AfPacketSource, CaptureError
 from .config import SensorConfig
-from .daemon import STOP_DEADLINE, Notifier, _preload, drop_privileges, serve
+from .daemon import STOP_DEADLINE, Notifier, SignalFlags, _preload, drop_privileges, serve
 from .replay import UsageError
 from .sinks.sqlite import SqliteSink, open_database
 from .state import load_or_create_key
@@ -189,7 +189,7 @@ def _worker_main(n: int, config: SensorConfig, config_path: str | None, sources:
         return 1
 
 
-class Supervisor:
+class Supervisor(SignalFlags):
     """The supervisor's loop: worker messages, exits, signals, sd_notify."""
 
     def __init__(self, pool: list[_Worker], notifier: Notifier, ping: float | None,
@@ -203,13 +203,6 @@ class Supervisor:
         self.rc = 0
         self.ready_sent = False
         self.reloading = False
-
-    def _on_stop(self, signum: int, _frame: Any) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = signal.Signals(signum).name
-
-    def _on_hup(self, _signum: int, _frame: Any) -> None:
-        self.reload_requested = True
 
     def run(self) -> int:
         wake_r, wake_w = socket.socketpair()
