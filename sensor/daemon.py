@@ -437,6 +437,16 @@ def _on_deadline(_signum: int, _frame: Any) -> None:
     os._exit(1)
 
 
+def start_failure(exc: Exception, sources: list) -> UsageError:
+    """A capture start-up that failed: close what was opened, say why in one line."""
+    for src in sources:
+        src.close()
+    if isinstance(exc, OSError):
+        return UsageError(f"{exc.filename or ''}{': ' if exc.filename else ''}"
+                          f"{exc.strerror or exc} (as uid {os.geteuid()})")
+    return UsageError(str(exc))
+
+
 def run_live(config: SensorConfig, config_path: str | None, interfaces: Sequence[str] = (),
              db: str | None = None, mechanism: str | None = None,
              extra_sinks: Sequence[Any] = (), workers: int | None = None) -> int:
@@ -473,12 +483,7 @@ def run_live(config: SensorConfig, config_path: str | None, interfaces: Sequence
         key = load_or_create_key(key_path)
         sink = SqliteSink(db_path)
     except (CaptureError, UsageError, OSError) as exc:
-        for src in sources:
-            src.close()
-        if isinstance(exc, OSError):
-            raise UsageError(f"{exc.filename or ''}{': ' if exc.filename else ''}"
-                             f"{exc.strerror or exc} (as uid {os.geteuid()})") from None
-        raise UsageError(str(exc)) from None
+        raise start_failure(exc, sources) from None
     return serve(config, config_path, sources, detector, key, sink, db_path, notifier,
                  extra_sinks)
 

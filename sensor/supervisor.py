@@ -44,7 +44,15 @@ from typing import Any
 
 from .capture.afpacket import AfPacketSource, CaptureError
 from .config import SensorConfig
-from .daemon import STOP_DEADLINE, Notifier, SignalFlags, _preload, drop_privileges, serve
+from .daemon import (
+    STOP_DEADLINE,
+    Notifier,
+    SignalFlags,
+    _preload,
+    drop_privileges,
+    serve,
+    start_failure,
+)
 from .replay import UsageError
 from .sinks.sqlite import SqliteSink, open_database
 from .state import load_or_create_key
@@ -122,12 +130,7 @@ def run_supervised(config: SensorConfig, config_path: str | None, names: list[st
         load_or_create_key(key_path)  # once, here: the workers read it
         open_database(db_path).close()  # the schema, once, before any worker writes
     except (CaptureError, UsageError, OSError) as exc:
-        for src in opened:
-            src.close()
-        if isinstance(exc, OSError):
-            raise UsageError(f"{exc.filename or ''}{': ' if exc.filename else ''}"
-                             f"{exc.strerror or exc} (as uid {os.geteuid()})") from None
-        raise UsageError(str(exc)) from None
+        raise start_failure(exc, opened) from None
 
     started = time.time()
     ping = notifier.watchdog_interval if live.watchdog else None

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -63,6 +64,18 @@ def replay_wire(tag: str):
         yield lab, tx, rx
     finally:
         lab.close()
+
+
+def count_rows(db: Path, table: str) -> int:
+    """Rows in a table of a sensor's database, read-only while the sensor writes (0 before
+    the table exists)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
 
 
 def clean_env(**extra: str) -> dict[str, str]:

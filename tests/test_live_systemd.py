@@ -7,13 +7,12 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from netns import REPO, Lab, missing_tools, sh, start_sensor, wait_for
+from netns import REPO, Lab, count_rows, missing_tools, sh, start_sensor, wait_for
 
 from sensor.config import load_config
 from sensor.detect.rules import load_rules
@@ -152,16 +151,7 @@ def _capture_run(lab: Lab, name: str, *, mdwe: bool = False, strace: Path | None
     sh("tcpreplay", "--topspeed", "-i", "rp0", *captures, ns=tx, timeout=60)
     db = work / "sensor.db"
 
-    def count() -> int:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute("SELECT count(*) FROM transactions").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            conn.close()
-
-    wait_for(count, 30, "transactions")
+    wait_for(lambda: count_rows(db, "transactions"), 30, "transactions")
     pid = proc.pid
     if strace is not None:  # signals go to the traced sensor, not to strace
         pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
@@ -170,7 +160,7 @@ def _capture_run(lab: Lab, name: str, *, mdwe: bool = False, strace: Path | None
     wait_for(lambda: len(notify.seen("WATCHDOG=1")) >= 2, 10, "watchdog pings")
     os.kill(pid, signal.SIGTERM)
     rc = proc.wait(30)
-    return rc, count(), (lab.dir / f"{name}.log").read_text()
+    return rc, count_rows(db, "transactions"), (lab.dir / f"{name}.log").read_text()
 
 
 @needs_root

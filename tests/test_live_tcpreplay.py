@@ -21,6 +21,7 @@ from netns import (
     PASSWORD,
     REPO,
     Lab,
+    count_rows,
     replay_wire,
     sensor_command,
     sh,
@@ -137,14 +138,7 @@ def test_interface_gone_ends_the_run(wire, capture):
     sh("tcpreplay", "-i", "rp0", *CAPTURES, ns=tx)
     db = work / "sensor.db"
 
-    def recorded() -> int:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute("SELECT count(*) FROM transactions").fetchone()[0]
-        finally:
-            conn.close()
-
-    wait_for(recorded, 10, "transactions")
+    wait_for(lambda: count_rows(db, "transactions"), 10, "transactions")
     sh("ip", "link", "del", "rp0", ns=tx)
     assert proc.wait(15) == 1
     log = (lab.dir / "gone.log").read_text()
@@ -183,14 +177,7 @@ def test_live_findings_are_alerted(wire):
     sh("tcpreplay", "-i", "rp0", *basic, ns=tx)
     db = work / "sensor.db"
 
-    def findings() -> int:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute("SELECT count(*) FROM events").fetchone()[0]
-        finally:
-            conn.close()
-
-    wait_for(findings, 10, "findings")
+    wait_for(lambda: count_rows(db, "events"), 10, "findings")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(25) == 0
     out, _ = receiver.communicate(b"\n", timeout=10)

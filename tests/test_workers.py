@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PCAPS, SAMPLE_CAPTURES, run_cli
-from netns import replay_wire, sh, start_sensor, wait_for
+from netns import count_rows, replay_wire, sh, start_sensor, wait_for
 
 from sensor.config import load_config
 from sensor.replay import run_replay
@@ -242,14 +242,6 @@ def _latest_per_worker(db: Path) -> dict[int, dict]:
         conn.close()
 
 
-def _count(db: Path, table: str) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    finally:
-        conn.close()
-
-
 def _consistent(db: Path) -> dict[int, dict]:
     """One database, whole: integrity, both workers' final stats rows, and the transactions
     their counters say they recorded are all there."""
@@ -259,8 +251,8 @@ def _consistent(db: Path) -> dict[int, dict]:
     conn.close()
     final = _latest_per_worker(db)
     assert set(final) == {0, 1}
-    assert sum(f["transactions"] for f in final.values()) == _count(db, "transactions")
-    assert sum(f["anomalies"] for f in final.values()) == _count(db, "anomalies")
+    assert sum(f["transactions"] for f in final.values()) == count_rows(db, "transactions")
+    assert sum(f["anomalies"] for f in final.values()) == count_rows(db, "anomalies")
     return final
 
 
@@ -321,7 +313,7 @@ def test_live_workers_sigterm_mid_traffic_leaves_one_consistent_database(wire):
     replayer = lab.spawn("tcpreplay", "--pps=4000", "--loop=100", "-i", "rp0", *CAPTURES,
                          ns=tx)
     db = work / "sensor.db"
-    wait_for(lambda: _count(db, "transactions") > 300, 30, "transactions")
+    wait_for(lambda: count_rows(db, "transactions") > 300, 30, "transactions")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, (lab.dir / "term.log").read_text()[-3000:]
     assert replayer.poll() is None  # the traffic was still flowing
@@ -385,11 +377,11 @@ def test_live_workers_as_the_unit_runs_them_under_mdwe(wire):
     proc, notify = start_sensor(lab, rx, "unit", "rp1", work, CONFIG, caps_only=True, mdwe=True)
     sh("tcpreplay", "--topspeed", "-i", "rp0", *CAPTURES, ns=tx, timeout=60)
     db = work / "sensor.db"
-    wait_for(lambda: _count(db, "transactions") >= 166, 30, "transactions")
+    wait_for(lambda: count_rows(db, "transactions") >= 166, 30, "transactions")
     hup = time.monotonic()
     proc.send_signal(signal.SIGHUP)
     wait_for(lambda: [t for t in notify.seen("READY=1") if t > hup], 10, "READY after reload")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, (lab.dir / "unit.log").read_text()[-3000:]
-    assert _count(db, "transactions") == 166  # the sample captures' transactions, once
+    assert count_rows(db, "transactions") == 166  # the sample captures' transactions, once
     _consistent(db)
